@@ -1,0 +1,351 @@
+"""
+Datasets, augmentations and loaders shared by dilemma.py, co_byol.py and eval_linear.py.
+
+- `Shapes`: the embedded default dataset. Procedurally generated 32 px images whose label is the
+  shape of one object; colour, texture, position, size, rotation and background are random, so only
+  a representation that encodes shape can classify it. No download, deterministic from a seed.
+- `build_dataset`: shapes, torchvision CIFAR-10/100 and STL-10, labelled ImageFolder trees
+  (DIR/train, DIR/val) and flat folders of unlabelled images.
+- augmentations: BYOL's two asymmetric views, DINO's multi-crop, MAE's crop+flip, plain evaluation.
+- `make_loader`: one loader for one process or many (DDP). Every sample's augmentation is seeded by
+  (seed, epoch, position in the epoch), so a resumed run, or one with another number of workers or
+  processes, draws exactly the same views.
+"""
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS = ('shapes', 'cifar10', 'cifar100', 'stl10', 'folder')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+class DataError(Exception):
+    """Bad data or a bad data path: the scripts print the message as one line and exit 2."""
+
+
+def error_line(exc):
+    """The one-line message of a DataError, also when a DataLoader worker re-raised it wrapped in a
+    traceback (the original message is then the last line)."""
+    return str(exc).strip().splitlines()[-1].split('DataError: ', 1)[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded dataset: shapes
+
+SHAPES = ('circle', 'triangle', 'square', 'star', 'cross', 'ring', 'crescent', 'heart')
+
+
+def _inside(shape, x, y):
+    """Boolean mask of the points (x, y), in the object's own frame (unit size), inside `shape`."""
+    r, phi = torch.hypot(x, y), torch.atan2(y, x)
+
+    def star(points, inner):  # a star polygon; inner = cos(pi / n) gives the regular n-gon
+        sector = 2 * math.pi / points
+        a = torch.remainder(phi, sector)
+        a = torch.minimum(a, sector - a)  # fold onto the edge from an outer vertex to an inner one
+        bx, by = inner * math.cos(sector / 2) - 1, inner * math.sin(sector / 2)
+        px, py = r * torch.cos(a) - 1, r * torch.sin(a)
+        return bx * py - by * px <= 0  # on the centre's side of that edge
+    if shape == 'circle':
+        return r < 0.9
+    if shape == 'triangle':
+        return star(3, math.cos(math.pi / 3))
+    if shape == 'square':
+        return torch.maximum(x.abs(), y.abs()) < 0.7
+    if shape == 'star':
+        return star(5, 0.45)
+    if shape == 'cross':
+        return ((x.abs() < 0.3) & (y.abs() < 0.95)) | ((y.abs() < 0.3) & (x.abs() < 0.95))
+    if shape == 'ring':
+        return (r < 0.95) & (r > 0.55)
+    if shape == 'crescent':
+        return (r < 0.95) & (torch.hypot(x - 0.45, y) > 0.75)
+    if shape == 'heart':  # the classic implicit heart curve, scaled into the unit disc
+        hx, hy = x * 1.25, -y * 1.25 + 0.15
+        return (hx ** 2 + hy ** 2 - 1) ** 3 - hx ** 2 * hy ** 3 < 0
+    raise ValueError(shape)
+
+
+def _texture(n, size, g):
+    """Random two-colour textures, (n, 3, size, size) in [0, 1]: solid, gradient, stripes or noise."""
+    c1, c2 = torch.rand(n, 3, 1, 1, generator=g), torch.rand(n, 3, 1, 1, generator=g)
+    u = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(u, u, indexing='ij')
+    angle = torch.rand(n, 1, 1, generator=g) * math.pi
+    proj = xx * torch.cos(angle) + yy * torch.sin(angle)  # (n, size, size)
+    freq = 3 + 9 * torch.rand(n, 1, 1, generator=g)
+    kind = torch.randint(0, 4, (n, 1, 1), generator=g)
+    mix = torch.where(kind == 0, torch.zeros_like(proj), (proj + 1) / 2)
+    mix = torch.where(kind == 2, 0.5 + 0.5 * torch.sin(freq * proj), mix)
+    mix = torch.where(kind == 3, torch.rand(n, size, size, generator=g), mix)
+    return c1 + (c2 - c1) * mix[:, None]
+
+
+def make_shapes(n, size=32, seed=0):
+    """n images (n, size, size, 3) uint8 and balanced labels (n,). Vectorised: 10k images in ~2 s."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(SHAPES)
+    labels = labels[torch.randperm(n, generator=g)]
+    images = torch.empty(n, size, size, 3, dtype=torch.uint8)
+    S = 2 * size  # drawn at twice the size and averaged down: anti-aliased edges
+    u = (torch.arange(S) + 0.5) / S * 2 - 1
+    gy, gx = torch.meshgrid(u, u, indexing='ij')
+    for start in range(0, n, 1024):
+        lab = labels[start:start + 1024]
+        m = len(lab)
+        centre = (torch.rand(m, 2, 1, 1, generator=g) - 0.5) * 0.7
+        scale = 0.4 + 0.4 * torch.rand(m, 1, 1, generator=g)
+        angle = torch.rand(m, 1, 1, generator=g) * 2 * math.pi
+        dx, dy = gx - centre[:, 0], gy - centre[:, 1]
+        x = (dx * torch.cos(angle) + dy * torch.sin(angle)) / scale
+        y = (-dx * torch.sin(angle) + dy * torch.cos(angle)) / scale
+        mask = torch.zeros(m, S, S, dtype=torch.bool)
+        for k, shape in enumerate(SHAPES):
+            sel = lab == k
+            mask[sel] = _inside(shape, x[sel], y[sel])
+        bg, fg = _texture(m, S, g), _texture(m, S, g)
+        # Keep the object visible: if its mean brightness is too close to the background's, invert it.
+        close = (fg.mean((1, 2, 3)) - bg.mean((1, 2, 3))).abs() < 0.25
+        fg[close] = 1 - fg[close]
+        img = torch.where(mask[:, None], fg, bg)
+        img = torch.nn.functional.avg_pool2d(img, 2)
+        images[start:start + m] = (img * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return images, labels
+
+
+class Shapes(Dataset):
+    """The embedded default: `split` 'train' (10k images) or 'val' (2k), drawn from different seeds."""
+    classes = SHAPES
+
+    def __init__(self, split='train', transform=None, seed=0, size=32, n=None):
+        n = n or (10_000 if split == 'train' else 2_000)
+        self.images, labels = make_shapes(n, size, seed=2 * seed + (split != 'train'))
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i].numpy())
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+# ----------------------------------------------------------------------------------------------
+# Real datasets
+
+def load_image(path):
+    """Open an image as RGB; an unreadable file is a DataError that names it."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as e:  # PIL raises many types for broken files; all mean the same here
+        raise DataError(f'cannot read image {path}: {e.__class__.__name__}: {e}') from None
+
+
+class ImageList(Dataset):
+    """Images from a list of (path, label) pairs; label -1 for unlabelled folders."""
+
+    def __init__(self, samples, classes, transform=None):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.targets = [y for _, y in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, y = self.samples[i]
+        img = load_image(path)
+        return (self.transform(img) if self.transform else img), y
+
+
+def _image_files(root):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True)
+                  for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def image_folder(root, transform=None):
+    """DIR/<class>/*.jpg -> labelled ImageList; a folder without class subfolders -> unlabelled."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    samples = [(p, y) for y, c in enumerate(classes) for p in _image_files(os.path.join(root, c))]
+    if not samples:  # no class folders with images: a flat folder of unlabelled images
+        classes, samples = [], [(p, -1) for p in _image_files(root)]
+    if not samples:
+        raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
+    return ImageList(samples, classes, transform)
+
+
+def build_dataset(name, path, split, transform=None, download=False, seed=0):
+    """split: 'pretrain' (what self-supervised training reads), 'train' (labelled, for k-NN and probes)
+    or 'val'. Returns None when the split does not exist (a folder without val/)."""
+    import torchvision.datasets as tvd
+    if name == 'shapes':
+        return Shapes('val' if split == 'val' else 'train', transform, seed=seed)
+    if name == 'folder':
+        if not path or not os.path.isdir(path):
+            raise DataError(f"--data folder needs --data-path DIR, an existing folder (got '{path}')")
+        sub = os.path.join(path, 'train' if split == 'pretrain' else split)
+        if os.path.isdir(sub):
+            return image_folder(sub, transform)
+        if split == 'pretrain':  # no train/: the folder itself holds the (unlabelled) images
+            return image_folder(path, transform)
+        return None
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
+    root = path or os.path.join('data', name)
+    try:
+        if name == 'stl10':
+            stl_split = {'pretrain': 'train+unlabeled', 'train': 'train', 'val': 'test'}[split]
+            return tvd.STL10(root, split=stl_split, transform=transform, download=download)
+        cls = tvd.CIFAR10 if name == 'cifar10' else tvd.CIFAR100
+        return cls(root, train=split != 'val', transform=transform, download=download)
+    except RuntimeError as e:
+        if 'not found' not in str(e).lower() and 'corrupted' not in str(e).lower():
+            raise
+        raise DataError(f"{name} not found under '{root}': pass --download to fetch it there, "
+                        f'or --data-path to the folder that holds it') from None
+
+
+def default_img_size(name, path=None):
+    """Training resolution that follows the data: 32 px for CIFAR and shapes, 96 for STL-10, and for
+    a folder the size of its first image when that is small (<= 64 px), else 224."""
+    if name in ('shapes', 'cifar10', 'cifar100'):
+        return 32
+    if name == 'stl10':
+        return 96
+    if name == 'folder' and path and os.path.isdir(path):
+        files = _image_files(path)
+        if files:
+            w, h = load_image(files[0]).size
+            return min(w, h) if max(w, h) <= 64 else 224
+    return 224
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentations (sizes follow the data: blur is left out at <= 64 px, where it erases the image)
+
+def to_tensor():
+    return T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def _ssl_view(size, scale, blur_p, solarize_p):
+    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if size > 64 and blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(2 * round(size / 20) + 1, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(128, p=solarize_p))
+    return T.Compose(ops + [to_tensor()])
+
+
+class MultiView:
+    """Applies several transforms to one image: returns the list of views."""
+
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+
+def two_views(size, crop_min=0.08):
+    """BYOL's asymmetric pair (also MoCo v3's and, here, SimCLR's): blur always / rarely, solarise
+    never / sometimes."""
+    return MultiView([_ssl_view(size, (crop_min, 1.0), 1.0, 0.0), _ssl_view(size, (crop_min, 1.0), 0.1, 0.2)])
+
+
+def multi_crop(size, local_size, n_local, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+    """DINO's multi-crop: two global views (size px) then n_local local ones (local_size px)."""
+    views = [_ssl_view(size, global_scale, 1.0, 0.0), _ssl_view(size, global_scale, 0.1, 0.2)]
+    return MultiView(views + [_ssl_view(local_size, local_scale, 0.5, 0.0)] * n_local)
+
+
+def mae_view(size):
+    """MAE's augmentation: a random resized crop and a flip, nothing else."""
+    return MultiView([T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                                 T.RandomHorizontalFlip(), to_tensor()])])
+
+
+def eval_transform(size):
+    """No augmentation: resize (keeping 224/256 of the image at ImageNet sizes) and centre-crop."""
+    resize = size if size <= 64 else int(size * 256 / 224)
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), to_tensor()])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, one process or many
+
+def dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, sample_seed) for this process. The epoch's order is a permutation seeded by
+    (seed, epoch); process r of W takes positions r, r + W, ... so the union of the processes' j-th
+    batches is the same global batch whatever W is. With drop_last only whole global batches are
+    used. `set_epoch(epoch, start_batch)` starts mid-epoch when a run resumes."""
+
+    def __init__(self, n, batch_size, shuffle, drop_last, seed=0):
+        self.n, self.batch_size, self.shuffle, self.drop_last, self.seed = n, batch_size, shuffle, drop_last, seed
+        self.rank, self.world = dist_info()
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self):
+        return self.n // (self.batch_size * self.world)
+
+    def _positions(self):
+        total = self.batches_per_epoch() * self.batch_size * self.world if self.drop_last else self.n
+        return range(self.rank + self.start_batch * self.batch_size * self.world, total, self.world)
+
+    def __len__(self):
+        return len(self._positions())
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        base = (self.seed * 1_000_003 + self.epoch) * self.n
+        for pos in self._positions():
+            yield order[pos].item(), (base + pos) % (2 ** 63)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that item (index, seed) is drawn with torch's RNG seeded by `seed`,
+    leaving the caller's RNG untouched."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def make_loader(dataset, batch_size, train, seed=0, workers=2, device='cpu'):
+    """batch_size is per process. Training loaders shuffle and drop the last partial global batch;
+    evaluation loaders keep every sample, in order, split r::W across processes."""
+    sampler = EpochSampler(len(dataset), batch_size, shuffle=train, drop_last=train, seed=seed)
+    if train and sampler.batches_per_epoch() == 0:
+        raise DataError(f'the dataset has {len(dataset)} images, fewer than one global batch '
+                        f'({batch_size * sampler.world})')
+    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=str(device).startswith('cuda'), persistent_workers=workers > 0,
+                      # its own generator, so that starting an epoch never draws from the global RNG
+                      generator=torch.Generator())

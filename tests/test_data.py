@@ -1,0 +1,133 @@
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def test_shapes_are_deterministic_and_splits_differ():
+    a, la = data.make_shapes(64, seed=3)
+    b, lb = data.make_shapes(64, seed=3)
+    c, _ = data.make_shapes(64, seed=4)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+    assert a.dtype == torch.uint8 and a.shape == (64, 32, 32, 3)
+    train, val = data.Shapes('train', n=64), data.Shapes('val', n=64)
+    assert not torch.equal(train.images, val.images)
+
+
+def test_shapes_labels_are_balanced():
+    _, labels = data.make_shapes(800, seed=0)
+    counts = torch.bincount(labels, minlength=len(data.SHAPES))
+    assert counts.tolist() == [100] * len(data.SHAPES)
+
+
+def test_shapes_label_is_the_shape_not_the_colour():
+    """Per-class mean colours are alike (colour is random: with 1000 images a class the standard
+    error of a class mean is about 1.5 of 255), while the object masks differ."""
+    images, labels = data.make_shapes(8000, seed=1)
+    means = torch.stack([images[labels == k].float().mean((0, 1, 2)) for k in range(len(data.SHAPES))])
+    assert (means.max(0).values - means.min(0).values).max() < 8  # of 255
+    mask = data._inside('ring', torch.tensor([0.0, 0.75]), torch.tensor([0.0, 0.0]))
+    assert mask.tolist() == [False, True]  # a ring has a hole, a circle does not
+    assert data._inside('circle', torch.tensor([0.0]), torch.tensor([0.0])).item()
+
+
+def test_transform_output_sizes():
+    img = Image.new('RGB', (300, 200), (120, 30, 200))
+    views = data.two_views(32)(img)
+    assert [v.shape for v in views] == [(3, 32, 32)] * 2
+    views = data.multi_crop(224, 96, 3)(img)
+    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 3
+    assert [v.shape for v in data.mae_view(32)(img)] == [(3, 32, 32)]
+    assert data.eval_transform(224)(img).shape == (3, 224, 224)
+    assert data.eval_transform(32)(img).shape == (3, 32, 32)
+
+
+def sampler_for(n, batch, rank, world, shuffle=True, drop_last=True):
+    s = data.EpochSampler(n, batch, shuffle=shuffle, drop_last=drop_last, seed=7)
+    s.rank, s.world = rank, world  # what dist_info() returns under torchrun
+    return s
+
+
+def test_ddp_sampler_split_gives_the_same_global_batches():
+    one = list(sampler_for(50, 8, 0, 1))
+    r0, r1 = list(sampler_for(50, 4, 0, 2)), list(sampler_for(50, 4, 1, 2))
+    assert len(one) == 48 and len(r0) == len(r1) == 24  # 6 whole global batches of 8
+    assert not {i for i, _ in r0} & {i for i, _ in r1}
+    for j in range(6):  # batch j of one process == union of the two processes' batch j, seeds included
+        assert set(one[8 * j:8 * j + 8]) == set(r0[4 * j:4 * j + 4]) | set(r1[4 * j:4 * j + 4])
+
+
+def test_sampler_epochs_and_resume_mid_epoch():
+    s = sampler_for(40, 8, 0, 1)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_epoch(3, start_batch=2)
+    assert list(s) == full[16:]
+    s.set_epoch(4)
+    assert [i for i, _ in s] != [i for i, _ in full]
+    ev = sampler_for(10, 4, 1, 2, shuffle=False, drop_last=False)
+    assert [i for i, _ in ev] == [1, 3, 5, 7, 9]
+
+
+def test_seeded_dataset_repeats_views_and_keeps_the_global_rng():
+    ds = data.SeededDataset(data.Shapes('val', transform=data.two_views(32), n=8))
+    state = torch.get_rng_state()
+    a, b, c = ds[(3, 11)], ds[(3, 11)], ds[(3, 12)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a[0][0], b[0][0]) and not torch.equal(a[0][0], c[0][0])
+
+
+def test_loader_batches(image_folder):
+    ds = data.build_dataset('folder', image_folder, 'train', data.eval_transform(32))
+    loader = data.make_loader(ds, 8, train=True, workers=0)
+    batches = list(loader)
+    assert len(batches) == len(ds) // 8 and all(x.shape == (8, 3, 32, 32) for x, _ in batches)
+    with pytest.raises(data.DataError, match='fewer than one global batch'):
+        data.make_loader(ds, 1000, train=True, workers=0)
+
+
+def test_folder_datasets(image_folder, tmp_path):
+    train = data.build_dataset('folder', image_folder, 'train')
+    val = data.build_dataset('folder', image_folder, 'val')
+    assert train.classes == ['circle', 'square', 'triangle'] and len(val) > 0
+    assert set(train.targets) == {0, 1, 2}
+    flat = tmp_path / 'flat'
+    flat.mkdir()
+    for i in range(3):
+        Image.new('RGB', (20, 20)).save(flat / f'{i}.jpg')
+    unlabelled = data.build_dataset('folder', str(flat), 'pretrain')
+    assert len(unlabelled) == 3 and unlabelled[0][1] == -1
+    assert data.build_dataset('folder', str(flat), 'val') is None
+    assert data.default_img_size('folder', image_folder) == 32
+
+
+def test_missing_and_bad_paths_are_clear_errors(tmp_path):
+    with pytest.raises(data.DataError, match='existing folder'):
+        data.build_dataset('folder', str(tmp_path / 'nope'), 'train')
+    with pytest.raises(data.DataError, match='--download'):
+        data.build_dataset('cifar10', str(tmp_path), 'train')
+    with pytest.raises(data.DataError, match='unknown dataset'):
+        data.build_dataset('mnist', None, 'train')
+    with pytest.raises(data.DataError, match='no images'):
+        data.build_dataset('folder', str(tmp_path), 'pretrain')
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    (bad / 'broken.jpg').write_bytes(b'not a jpeg')
+    ds = data.build_dataset('folder', str(bad), 'pretrain')
+    with pytest.raises(data.DataError, match='broken.jpg'):
+        ds[0]
+
+
+def test_error_line_survives_a_dataloader_worker(tmp_path):
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    (bad / 'empty.jpg').write_bytes(b'')
+    loader = data.make_loader(data.build_dataset('folder', str(bad), 'pretrain'), 1, train=False, workers=1)
+    with pytest.raises(data.DataError) as e:
+        next(iter(loader))
+    line = data.error_line(e.value)
+    assert line.startswith('cannot read image') and 'empty.jpg' in line and '\n' not in line
