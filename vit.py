@@ -24,6 +24,7 @@ PRESETS = {
     'vit_tiny/4': dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3),
     'vit_small/4': dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6),
     'vit_mini/4': dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3),  # CPU runs
+    'vit_micro/4': dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2),  # tests, smoke runs
 }
 
 

@@ -1,0 +1,790 @@
+"""
+DILEMMA: Detection of Incorrect Location EMbeddings with MAsked inputs (Sameni, Jenni, Favaro,
+AAAI 2023), on top of MoCo v3, DINO, SimCLR and MAE. One file, read top to bottom:
+
+  1. configuration         command-line flags, per-method defaults, printed at start
+  2. the DILEMMA core      corrupt_positions, detection_loss, DilemmaEncoder
+  3. the four methods      their heads and losses; each returns a dict of losses
+  4. the training loop     DDP, AMP, schedules, EMA, k-NN monitor, figure, checkpoint, resume
+
+Per image and view, the student sees a sparse input (a random subset of its patch tokens; the rest
+are removed, not masked), and each kept token gets, with probability p, the positional embedding of
+another location. A linear head on the output patch tokens detects the misplaced ones (BCE). The same
+sparse, corrupted pass gives the class token for the method's own loss; teachers see dense clean views.
+
+    python dilemma.py --method dino                                  # embedded shapes data, ~10 min on 2 CPU cores
+    python dilemma.py --method dino --dilemma-prob 0 --drop-ratio 0  # the plain method (MAE: --dilemma-prob 0)
+    torchrun --nproc_per_node=8 dilemma.py --method mocov3 --data folder --data-path /imagenet --model vit_small/16
+Re-running the same command resumes from OUT_DIR/ckpt.pt.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+import eval_linear
+import vit
+
+# ----------------------------------------------------------------------------------------------
+# 1. Configuration. Flags left unset take the method's default for the image size (see defaults()).
+
+METHODS = ('mocov3', 'dino', 'simclr', 'mae')
+parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument('--method', choices=METHODS, default='dino')
+# DILEMMA
+parser.add_argument('--drop-ratio', type=float, default=0.75, help='fraction of patch tokens removed from the student input (MAE: its mask ratio)')
+parser.add_argument('--dilemma-prob', type=float, default=0.2, help='probability p that a kept token gets a wrong position (0 = no detection loss)')
+parser.add_argument('--dilemma-weight', type=float, default=1.0, help='lambda: weight of the detection loss')
+# data
+parser.add_argument('--data', default='shapes', help=f'one of {", ".join(data.DATASETS)}')
+parser.add_argument('--data-path', default=None, help='dataset folder (for --data folder: DIR/train, DIR/val, or unlabelled images)')
+parser.add_argument('--download', action='store_true', help='let torchvision download CIFAR / STL-10 into --data-path')
+parser.add_argument('--img-size', type=int, default=None, help='default: 32 for shapes/CIFAR, 96 for STL-10, else 224')
+parser.add_argument('--crop-min', type=float, default=None, help='smallest random-resized-crop scale of the two-view methods')
+parser.add_argument('--local-crops', type=int, default=None, help='DINO: number of local crops')
+parser.add_argument('--local-size', type=int, default=None, help='DINO: local crop size in px')
+parser.add_argument('--workers', type=int, default=None, help='data loader processes per training process')
+# model
+parser.add_argument('--model', default=None, help=f'ViT preset: {", ".join(vit.PRESETS)}')
+parser.add_argument('--pos-embed', choices=('learned', 'sincos'), default=None)
+parser.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate of the student')
+parser.add_argument('--proj-dim', type=int, default=None, help='output size of projector/predictor (DINO: bottleneck)')
+parser.add_argument('--proj-hidden', type=int, default=None, help='hidden size of projector/predictor/DINO head')
+parser.add_argument('--out-dim', type=int, default=None, help='DINO: number of prototypes')
+parser.add_argument('--temperature', type=float, default=None, help='MoCo v3 / SimCLR softmax temperature; DINO student temperature')
+parser.add_argument('--teacher-temp', type=float, default=None, help='DINO: final teacher temperature (warm-up from 0.04)')
+parser.add_argument('--teacher-temp-epochs', type=float, default=None, help='DINO: epochs of teacher-temperature warm-up')
+parser.add_argument('--center-momentum', type=float, default=0.9, help='DINO: EMA of the teacher-output centre')
+parser.add_argument('--freeze-last-layer', type=float, default=None, help='DINO: epochs during which the last layer is not updated')
+parser.add_argument('--momentum', type=float, default=None, help='MoCo v3 / DINO: teacher EMA momentum at the start (cosine to 1)')
+parser.add_argument('--decoder-dim', type=int, default=None, help='MAE decoder width')
+parser.add_argument('--decoder-depth', type=int, default=None, help='MAE decoder blocks')
+parser.add_argument('--no-norm-pix-loss', action='store_true', help='MAE: reconstruct raw instead of per-patch normalised pixels')
+# optimisation
+parser.add_argument('--epochs', type=float, default=None)
+parser.add_argument('--batch-size', type=int, default=None, help='global batch size (all processes and accumulation steps)')
+parser.add_argument('--accum-steps', type=int, default=1, help='gradient accumulation micro-steps per optimizer step')
+parser.add_argument('--lr', type=float, default=None, help='base learning rate for a global batch of 256 (lr = base * batch / 256)')
+parser.add_argument('--min-lr', type=float, default=1e-6, help='learning rate at the end of the cosine')
+parser.add_argument('--warmup-epochs', type=float, default=None)
+parser.add_argument('--weight-decay', type=float, default=None)
+parser.add_argument('--weight-decay-end', type=float, default=None, help='weight decay at the end of its cosine (DINO)')
+parser.add_argument('--clip-grad', type=float, default=None, help='max gradient norm (0 = off)')
+parser.add_argument('--max-steps', type=int, default=None, help='stop after this many optimizer steps (schedules still span --epochs)')
+# system
+parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+parser.add_argument('--dtype', choices=('bf16', 'fp16', 'fp32'), default='bf16', help='autocast dtype (GradScaler for fp16)')
+parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+parser.add_argument('--seed', type=int, default=0)
+parser.add_argument('--out-dir', default=None, help='default: out/METHOD (out/METHOD-baseline with DILEMMA off)')
+parser.add_argument('--log-every', type=int, default=20, help='steps between log.jsonl lines')
+parser.add_argument('--eval-every', type=int, default=None, help='steps between k-NN + figure + checkpoint (default: 4 per run)')
+parser.add_argument('--ckpt-every', type=int, default=200, help='steps between checkpoints')
+
+
+def die(msg):
+    """Bad input: one line on stderr, exit status 2 (what argparse itself does, without the usage)."""
+    print(f'dilemma.py: error: {msg}', file=sys.stderr)
+    sys.exit(2)
+
+
+parser.error = die
+
+
+# Defaults per method, for small images (<= 64 px: the shapes data, CIFAR; sized so that one run takes
+# about 10 minutes on 2 CPU cores) and for large ones (the papers' ViT-S/16 ImageNet recipes). Small
+# runs use fixed sin-cos positions for every method: with learned ones the model first has to learn what
+# a position is, and on the shapes data detection then did not start within 1000 steps.
+SMALL = dict(model='vit_mini/4', pos_embed='sincos', drop_path=0.0, crop_min=0.2, epochs=8, batch_size=128,
+             warmup_epochs=1, clip_grad=3.0, workers=2, proj_dim=256, proj_hidden=1024, momentum=0.99)
+LARGE = dict(model='vit_small/16', pos_embed='learned', drop_path=0.1, crop_min=0.08, epochs=100, batch_size=1024,
+             warmup_epochs=10, clip_grad=3.0, workers=8, proj_dim=256, proj_hidden=4096, momentum=0.99)
+METHOD_DEFAULTS = {
+    # MoCo v3 (ViT): AdamW, lr 1.5e-4 x batch/256, wd 0.1, T = 0.2, fixed sin-cos positions, momentum 0.99 -> 1
+    'mocov3': (dict(lr=5e-4, weight_decay=0.1, temperature=0.2, epochs=10),
+               dict(pos_embed='sincos', lr=1.5e-4, weight_decay=0.1, temperature=0.2, drop_path=0.0)),
+    # DINO (ViT-S): lr 5e-4, wd 0.04 -> 0.4, teacher temperature 0.04 -> 0.07 over 30 epochs, 2 global +
+    # 8 local 96 px crops, 65536 prototypes, momentum 0.996 -> 1, last layer frozen for the first epoch
+    'dino': (dict(lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, temperature=0.1, teacher_temp=0.04,
+                  teacher_temp_epochs=0, out_dim=4096, local_crops=4, local_size=16, freeze_last_layer=0, epochs=7),
+             dict(lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, temperature=0.1, teacher_temp=0.07,
+                  teacher_temp_epochs=30, out_dim=65536, proj_hidden=2048, local_crops=8, local_size=96,
+                  freeze_last_layer=1, momentum=0.996)),
+    # SimCLR's NT-Xent on a ViT, optimised as MoCo v3; T = 0.1 for large batches, 0.2 for small ones
+    'simclr': (dict(lr=5e-4, weight_decay=0.1, temperature=0.2, epochs=16),
+               dict(lr=5e-4, weight_decay=0.1, temperature=0.1, batch_size=4096)),
+    # MAE: AdamW betas (0.9, 0.95), lr 1.5e-4, wd 0.05, norm-pix loss, crop+flip only, 8-block decoder
+    'mae': (dict(lr=1e-3, weight_decay=0.05, decoder_dim=128, decoder_depth=2, epochs=20),
+            dict(pos_embed='sincos', lr=1.5e-4, weight_decay=0.05, decoder_dim=512, decoder_depth=8,
+                 batch_size=4096, epochs=800, warmup_epochs=40, crop_min=0.2)),
+}
+
+
+def defaults(method, img_size):
+    small = img_size <= 64
+    return {**(SMALL if small else LARGE), **METHOD_DEFAULTS[method][0 if small else 1]}
+
+
+def get_args(argv=None):
+    args = parser.parse_args(argv)
+    if args.data not in data.DATASETS:
+        die(f"unknown dataset '{args.data}' (choose from {', '.join(data.DATASETS)})")
+    if not 0 <= args.drop_ratio < 1:
+        die(f'--drop-ratio must be in [0, 1), got {args.drop_ratio}')
+    if not 0 <= args.dilemma_prob <= 1:
+        die(f'--dilemma-prob must be in [0, 1], got {args.dilemma_prob}')
+    if args.method == 'mae' and args.drop_ratio == 0:
+        die("MAE's mask ratio is --drop-ratio and must be > 0; plain MAE is --dilemma-prob 0")
+    try:
+        args.img_size = args.img_size or data.default_img_size(args.data, args.data_path)
+    except data.DataError as e:
+        die(data.error_line(e))
+    for k, v in defaults(args.method, args.img_size).items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.model not in vit.PRESETS:
+        die(f"unknown model '{args.model}' (choose from {', '.join(vit.PRESETS)})")
+    patch = vit.PRESETS[args.model]['patch_size']
+    for name, size in (('--img-size', args.img_size), ('--local-size', args.local_size)):
+        if size is not None and size % patch:
+            die(f'{name} {size} is not divisible by the patch size {patch} of {args.model}')
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if args.batch_size % (world * args.accum_steps):
+        die(f'--batch-size {args.batch_size} is not divisible by {world} process(es) x {args.accum_steps} accumulation step(s)')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        die('--device cuda but no CUDA device is available (use --device cpu)')
+    dilemma_on = args.dilemma_prob > 0 or (args.drop_ratio > 0 and args.method != 'mae')
+    args.out_dir = args.out_dir or os.path.join('out', args.method if dilemma_on else f'{args.method}-baseline')
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The DILEMMA core
+
+def corrupt_positions(N, L, drop_ratio, prob, device):
+    """Choose, per image, the kept tokens, which of them get a wrong position, and that position.
+
+    Returns keep_idx (N, K): kept patch indices, K = round(L * (1 - drop_ratio)) (a uniformly random
+    subset: argsort of noise, as MAE masks); pos_idx (N, K): the position whose embedding each kept
+    token receives; labels (N, K) float: 1 where pos_idx != keep_idx (Binomial(K, p) per image).
+    Wrong positions are never the token's own. When K <= L/2 they are distinct dropped locations, so
+    no two input tokens share an embedding (the task cannot be solved by spotting duplicates); when
+    K > L/2 (dense inputs) they are uniform over the L - 1 other locations [our choice].
+    """
+    K = max(1, round(L * (1 - drop_ratio)))
+    if K == L:  # nothing dropped: keep every token in place (no need to shuffle)
+        keep_idx, dropped = torch.arange(L, device=device).expand(N, L), None
+    else:
+        order = torch.rand(N, L, device=device).argsort(dim=1)  # a random permutation per image
+        keep_idx, dropped = order[:, :K], order[:, K:]
+    corrupted = torch.rand(N, K, device=device) < prob
+    if K <= L - K:
+        wrong = dropped[:, :K]  # the permutation's next K entries: distinct, random, all dropped
+    else:
+        r = torch.randint(0, L - 1, (N, K), device=device)
+        wrong = r + (r >= keep_idx).long()  # uniform over the L - 1 locations other than its own
+    pos_idx = torch.where(corrupted, wrong, keep_idx)
+    return keep_idx, pos_idx, corrupted.float()
+
+
+def detection_loss(head, tokens, labels):
+    """tokens (N, 1 + K, D) final-normalised encoder output, labels (N, K) with 1 = wrong position.
+    One linear layer shared over tokens gives a logit per patch token; BCE averaged over all kept
+    tokens, no class weighting. Returns (loss, accuracy), both fp32 scalars."""
+    logits = head(tokens[:, 1:]).squeeze(-1).float()
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    return loss, ((logits > 0).float() == labels).float().mean()
+
+
+class DilemmaEncoder(nn.Module):
+    """The student ViT with DILEMMA: one sparse, corrupted pass serves the method (tokens) and the
+    detection loss. With drop_ratio = 0 and p = 0 it is the plain dense ViT, untouched."""
+
+    def __init__(self, backbone, drop_ratio, prob, weight):
+        super().__init__()
+        self.backbone, self.drop_ratio, self.prob = backbone, drop_ratio, prob
+        self.detect = nn.Linear(backbone.embed_dim, 1) if prob > 0 and weight > 0 else None
+
+    def forward(self, x):
+        """x (N, C, H, W) -> tokens (N, 1 + K, D), keep_idx (N, K) or None, (det loss, det acc) or None."""
+        if self.drop_ratio == 0 and self.prob == 0:
+            return self.backbone(x), None, None
+        L = (x.shape[-2] // self.backbone.patch_size) * (x.shape[-1] // self.backbone.patch_size)
+        keep_idx, pos_idx, labels = corrupt_positions(x.shape[0], L, self.drop_ratio, self.prob, x.device)
+        tokens = self.backbone(x, keep_idx, pos_idx)
+        det = detection_loss(self.detect, tokens, labels) if self.detect is not None else None
+        return tokens, keep_idx, det
+
+
+def mean_detection(dets, weights):
+    """Detection loss and accuracy averaged over views (weights = number of views in each call)."""
+    dets = [(d, w) for d, w in zip(dets, weights) if d is not None]
+    if not dets:
+        return None
+    total = sum(w for _, w in dets)
+    return tuple(sum(d[i] * w for d, w in dets) / total for i in range(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The methods. Each forward(views, step) returns {'loss', 'method', 'detect', 'det_acc'}.
+
+def mlp(in_dim, hidden, out_dim, layers, last_bn):
+    """MoCo v3 / SimCLR projector: Linear-BN-ReLU blocks, then Linear (+ BN without affine)."""
+    mods, d = [], in_dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        d = hidden
+    mods.append(nn.Linear(d, out_dim, bias=False))
+    if last_bn:
+        mods.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*mods)
+
+
+def make_teacher(backbone):
+    """A frozen copy of the student ViT, updated only by EMA, without stochastic depth."""
+    teacher = copy.deepcopy(backbone).requires_grad_(False)
+    for block in teacher.blocks:
+        block.drop_path_rate = 0.0
+    return teacher
+
+
+def all_gather_nograd(x):
+    """Concatenate x from all processes, rank order (no gradient: MoCo v3's keys)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient for the local slice, so that the
+    DDP-averaged gradient equals the single-process gradient on the global batch (SimCLR)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return all_gather_nograd(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather_with_grad(x):
+    return x if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 else GatherWithGrad.apply(x)
+
+
+def contrastive_loss(q, k, temperature):
+    """MoCo v3 InfoNCE: queries q (N, d) against keys k (N, d) gathered from all processes; the positive
+    of query i is key i of this process. Scaled by 2T as in MoCo v3."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    k = all_gather_nograd(k)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+    with torch.autocast(q.device.type, enabled=False):  # similarities in fp32
+        logits = q @ k.T / temperature
+    return F.cross_entropy(logits, labels) * 2 * temperature
+
+
+def nt_xent(z1, z2, temperature):
+    """SimCLR's NT-Xent: 2N embeddings per process, negatives gathered from all processes (with their
+    gradient); the positive of z1[i] is z2[i] and vice versa; self-similarity is excluded."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2N, d)
+    n = z1.shape[0]
+    everyone = gather_with_grad(z)  # (W * 2N, d), process r's block at r * 2N
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    own = torch.arange(2 * n, device=z.device) + 2 * n * rank
+    with torch.autocast(z.device.type, enabled=False):  # similarities in fp32
+        logits = z @ everyone.T / temperature
+    logits = logits.masked_fill(F.one_hot(own, logits.shape[1]).bool(), float('-inf'))  # not itself
+    positives = torch.cat([own[n:], own[:n]])
+    return F.cross_entropy(logits, positives)
+
+
+class MoCoV3(nn.Module):
+    def __init__(self, student, args):
+        super().__init__()
+        D = student.backbone.embed_dim
+        self.student = student
+        self.projector = mlp(D, args.proj_hidden, args.proj_dim, 3, last_bn=True)
+        self.predictor = mlp(args.proj_dim, args.proj_hidden, args.proj_dim, 2, last_bn=False)
+        self.teacher = make_teacher(student.backbone)  # momentum encoder
+        self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.temperature = args.temperature
+
+    def ema_pairs(self):
+        return [(self.teacher, self.student.backbone), (self.teacher_projector, self.projector)]
+
+    def forward(self, views, step):
+        x1, x2 = views
+        tokens, _, det = self.student(torch.cat([x1, x2]))  # both views in one sparse, corrupted pass
+        q1, q2 = (self.predictor(self.projector(c)) for c in tokens[:, 0].chunk(2))
+        with torch.no_grad():  # momentum encoder: dense, clean
+            k1, k2 = (self.teacher_projector(c) for c in self.teacher(torch.cat([x1, x2]))[:, 0].chunk(2))
+        loss = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
+        return loss, det
+
+
+class DINOHead(nn.Module):
+    """DINO's head: 3-layer MLP (GELU) to a bottleneck, l2-normalise, weight-normalised last layer
+    (its norm fixed to 1: the prototypes are unit vectors)."""
+
+    def __init__(self, in_dim, hidden, bottleneck, out_dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))
+
+
+class DINO(nn.Module):
+    def __init__(self, student, args):
+        super().__init__()
+        self.student = student
+        self.head = DINOHead(student.backbone.embed_dim, args.proj_hidden, args.proj_dim, args.out_dim)
+        self.teacher = make_teacher(student.backbone)
+        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.register_buffer('center', torch.zeros(1, args.out_dim))
+        self.student_temp, self.center_momentum, self.args = args.temperature, args.center_momentum, args
+
+    def ema_pairs(self):
+        return [(self.teacher, self.student.backbone), (self.teacher_head, self.head)]
+
+    def forward(self, views, step):
+        globals_, locals_ = torch.cat(views[:2]), views[2:]
+        with torch.no_grad():  # teacher: the two global crops, dense and clean
+            t = self.teacher_head(self.teacher(globals_)[:, 0]).float()
+        g_tokens, _, g_det = self.student(globals_)
+        s = [self.head(g_tokens[:, 0])]
+        l_det = None
+        if locals_:
+            l_tokens, _, l_det = self.student(torch.cat(locals_))
+            s.append(self.head(l_tokens[:, 0]))
+        s = torch.cat(s).float()
+        # Cross-entropy between every teacher global view and every other student view.
+        t_probs = F.softmax((t - self.center) / teacher_temp_at(step, self.args), dim=-1).chunk(2)
+        s_logp = F.log_softmax(s / self.student_temp, dim=-1).chunk(2 + len(locals_))
+        terms = [-(tp * sl).sum(-1).mean() for i, tp in enumerate(t_probs) for j, sl in enumerate(s_logp) if i != j]
+        loss = sum(terms) / len(terms)
+        with torch.no_grad():  # centre: EMA of the teacher outputs' batch mean, all-reduced over processes
+            batch_sum = t.sum(0, keepdim=True)
+            count = torch.tensor([float(t.shape[0])], device=t.device)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(batch_sum)
+                dist.all_reduce(count)
+            self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+        return loss, mean_detection([g_det, l_det], [2, len(locals_)])
+
+
+class SimCLR(nn.Module):
+    def __init__(self, student, args):
+        super().__init__()
+        self.student = student
+        self.projector = mlp(student.backbone.embed_dim, args.proj_hidden, args.proj_dim, 3, last_bn=True)
+        self.temperature = args.temperature
+
+    def forward(self, views, step):
+        tokens, _, det = self.student(torch.cat(views))  # both views sparse and corrupted
+        z1, z2 = (self.projector(c) for c in tokens[:, 0].chunk(2))
+        return nt_xent(z1, z2, self.temperature), det
+
+
+class MAE(nn.Module):
+    """MAE: the kept tokens are MAE's visible ones (some at wrong positions in the encoder); the
+    decoder puts each at its TRUE position, adds mask tokens elsewhere, and reconstructs the masked
+    patches (per-patch normalised pixels)."""
+
+    def __init__(self, student, args):
+        super().__init__()
+        enc, D = student.backbone, student.backbone.embed_dim
+        self.student, self.patch, self.norm_pix = student, enc.patch_size, not args.no_norm_pix_loss
+        self.decoder_embed = nn.Linear(D, args.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, args.decoder_dim))
+        self.register_buffer('decoder_pos', vit.sincos_pos_embed(args.decoder_dim, enc.grid, enc.grid))
+        heads = max(1, args.decoder_dim // 32)
+        self.decoder_blocks = nn.ModuleList(vit.Block(args.decoder_dim, heads, 4.0, 0.0) for _ in range(args.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(args.decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(args.decoder_dim, self.patch ** 2 * 3)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def patchify(self, x):
+        """(N, 3, H, W) -> (N, L, p * p * 3), patches in row-major order."""
+        N, C, H, W = x.shape
+        P = self.patch
+        return x.reshape(N, C, H // P, P, W // P, P).permute(0, 2, 4, 3, 5, 1).reshape(N, (H // P) * (W // P), P * P * C)
+
+    def forward(self, views, step):
+        x = views[0]
+        tokens, keep_idx, det = self.student(x)
+        y = self.decoder_embed(tokens)  # (N, 1 + K, Dd)
+        N, L = x.shape[0], self.decoder_pos.shape[0]
+        full = self.mask_token.to(y.dtype).expand(N, L, -1).clone()
+        full.scatter_(1, keep_idx[..., None].expand(-1, -1, y.shape[-1]), y[:, 1:])  # true positions
+        y = torch.cat([y[:, :1], full + self.decoder_pos], dim=1)
+        for block in self.decoder_blocks:
+            y = block(y)
+        pred = self.decoder_pred(self.decoder_norm(y))[:, 1:].float()  # (N, L, p*p*3)
+        target = self.patchify(x).float()
+        if self.norm_pix:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        masked = torch.ones(N, L, device=x.device).scatter_(1, keep_idx, 0.0)
+        loss = (((pred - target) ** 2).mean(-1) * masked).sum() / masked.sum()
+        return loss, det
+
+
+class Method(nn.Module):
+    """Adds the weighted detection loss to a method's own loss: total = method + lambda * detection."""
+
+    def __init__(self, method, weight):
+        super().__init__()
+        self.method, self.weight = method, weight
+
+    def forward(self, views, step):
+        loss, det = self.method(views, step)
+        zero = torch.zeros((), device=loss.device)
+        detect, acc = det if det is not None else (zero, zero)
+        return {'loss': loss + self.weight * detect, 'method': loss.detach(), 'detect': detect.detach(),
+                'det_acc': acc.detach()}
+
+
+def build_model(args):
+    backbone = vit.vit(args.model, img_size=args.img_size, pos_embed=args.pos_embed, drop_path_rate=args.drop_path)
+    student = DilemmaEncoder(backbone, args.drop_ratio, args.dilemma_prob, args.dilemma_weight)
+    cls = {'mocov3': MoCoV3, 'dino': DINO, 'simclr': SimCLR, 'mae': MAE}[args.method]
+    return Method(cls(student, args), args.dilemma_weight)
+
+
+def eval_backbone(model):
+    """The encoder a checkpoint is evaluated with: DINO's teacher (as DINO reports), else the student."""
+    m = model.method
+    return m.teacher if isinstance(m, DINO) else m.student.backbone
+
+
+def views_transform(args):
+    if args.method == 'dino':
+        return data.multi_crop(args.img_size, args.local_size, args.local_crops)
+    if args.method == 'mae':
+        return data.mae_view(args.img_size)
+    return data.two_views(args.img_size, args.crop_min)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Training: schedules, figure, checkpoint, loop
+
+def cosine(step, total, start, end):
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def lr_at(step, args):
+    """Linear warm-up to lr * batch / 256, then cosine to min_lr."""
+    peak, warmup = args.lr * args.batch_size / 256, int(args.warmup_epochs * args.steps_per_epoch)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return cosine(step - warmup, max(1, args.total_steps - warmup), peak, args.min_lr)
+
+
+def weight_decay_at(step, args):
+    end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    return cosine(step, args.total_steps, args.weight_decay, end)
+
+
+def momentum_at(step, args):
+    """Teacher EMA momentum: cosine from its base value to 1."""
+    return cosine(step, args.total_steps, args.momentum, 1.0)
+
+
+def teacher_temp_at(step, args):
+    """DINO: teacher temperature, linear warm-up from 0.04 to its final value."""
+    warm = int(args.teacher_temp_epochs * args.steps_per_epoch)
+    return args.teacher_temp if step >= warm else 0.04 + (args.teacher_temp - 0.04) * step / warm
+
+
+def param_groups(model):
+    """No weight decay on biases, norms, the class token and positional embeddings."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            skip = param.ndim <= 1 or name.endswith(('cls_token', 'pos_embed', 'mask_token'))
+            (no_decay if skip else decay).append(param)
+    return [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+@torch.no_grad()
+def save_figure(model, images, path, step, drop_ratio, prob, seed=0):
+    """For a few images, four panels: the input; what the student gets (dropped patches grey, misplaced
+    ones outlined red); the same patches drawn where their positional embeddings claim they are; and
+    what the detection head flags (green: caught, orange: false alarm, red: missed)."""
+    enc = model.method.student
+    was_training = enc.training
+    enc.eval()
+    N, _, H, W = images.shape
+    P, S = enc.backbone.patch_size, max(1, 128 // H)  # upscale to ~128 px so single patches are visible
+    with torch.random.fork_rng(devices=[]):  # on the CPU, leaving the training RNG untouched
+        torch.manual_seed(seed)  # the same corruption at every evaluation, so figures are comparable
+        keep, pos, labels = corrupt_positions(N, (H // P) * (W // P), drop_ratio, max(prob, 0.2), 'cpu')
+    flagged = torch.zeros(N, keep.shape[1], dtype=torch.bool)
+    if enc.detect is not None:
+        tokens = enc.backbone(images, keep.to(images.device), pos.to(images.device))
+        flagged = (enc.detect(tokens[:, 1:]).squeeze(-1) > 0).cpu()
+    enc.train(was_training)
+    wrong, hits = labels.bool(), (flagged == labels.bool()).float().mean().item()
+    pixels = (images.cpu() * torch.tensor(data.STD)[:, None, None] + torch.tensor(data.MEAN)[:, None, None]).clamp(0, 1)
+    pixels = (pixels * 255).byte().permute(0, 2, 3, 1).numpy()
+    pad, cell, top = 6, H * S, 44
+    fig = Image.new('RGB', (4 * cell + 5 * pad, top + N * (cell + pad) + 26), 'white')
+    draw = ImageDraw.Draw(fig)
+    draw.text((pad, 4), f'step {step}: detection accuracy {100 * hits:.1f}% on these tokens'
+              + ('' if enc.detect is not None else ' (DILEMMA off: no detection head)'), fill='black')
+    for k, title in enumerate(('input', 'student input', 'as positions claim', 'flagged')):
+        draw.text((pad + k * (cell + pad), 26), title, fill='black')
+    box = lambda t, x0, y0: (x0 + t % (W // P) * P * S, y0 + t // (W // P) * P * S,
+                             x0 + (t % (W // P) + 1) * P * S - 1, y0 + (t // (W // P) + 1) * P * S - 1)
+    for i in range(N):
+        img = Image.fromarray(pixels[i]).resize((cell, cell), Image.NEAREST)
+        y0, xs = top + i * (cell + pad), [pad + k * (cell + pad) for k in range(4)]
+        fig.paste(img, (xs[0], y0))
+        for x0 in xs[1:]:
+            draw.rectangle((x0, y0, x0 + cell - 1, y0 + cell - 1), fill=(128, 128, 128))
+        for j, (t, claimed) in enumerate(zip(keep[i].tolist(), pos[i].tolist())):
+            patch = img.crop(box(t, 0, 0))
+            fig.paste(patch, box(t, xs[1], y0)[:2])
+            fig.paste(patch, box(claimed, xs[2], y0)[:2])
+            fig.paste(patch, box(t, xs[3], y0)[:2])
+            if wrong[i, j]:
+                draw.rectangle(box(t, xs[1], y0), outline='red', width=2)
+                draw.rectangle(box(claimed, xs[2], y0), outline='red', width=2)
+            if enc.detect is not None and (wrong[i, j] or flagged[i, j]):
+                colour = 'lime' if wrong[i, j] and flagged[i, j] else ('orange' if flagged[i, j] else 'red')
+                draw.rectangle(box(t, xs[3], y0), outline=colour, width=2)
+    draw.text((pad, fig.height - 20), 'grey: dropped   red: wrong position   flags: green caught, orange false alarm, '
+              'red missed', fill='black')
+    fig.save(path)
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(device):
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device.startswith('cuda') else None}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
+    if ddp:
+        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+        if args.device.startswith('cuda'):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+    rank, world = data.dist_info()
+    master = rank == 0
+    torch.manual_seed(args.seed)  # same initial weights on every process (DDP also broadcasts them)
+    device_type = 'cuda' if args.device.startswith('cuda') else 'cpu'
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # Data: pretraining views, and (when labels exist) the k-NN monitor's train/val splits.
+    train_set = data.build_dataset(args.data, args.data_path, 'pretrain', views_transform(args), args.download, args.seed)
+    micro_batch = args.batch_size // (world * args.accum_steps)
+    loader = data.make_loader(train_set, micro_batch, train=True, seed=args.seed, workers=args.workers, device=args.device)
+    args.steps_per_epoch = max(1, loader.sampler.batches_per_epoch() // args.accum_steps)
+    args.total_steps = int(args.epochs * args.steps_per_epoch)
+    max_steps = min(args.total_steps, args.max_steps or args.total_steps)
+    args.eval_every = args.eval_every or math.ceil(args.total_steps / 4)
+    knn_sets = [data.build_dataset(args.data, args.data_path, s, data.eval_transform(args.img_size), args.download, args.seed)
+                for s in ('train', 'val')]
+    knn_loaders = None
+    if knn_sets[1] is not None and knn_sets[0].classes:
+        knn_loaders = [data.make_loader(s, 256, train=False, workers=args.workers, device=args.device) for s in knn_sets]
+        figure_images = torch.stack([knn_sets[1][i][0] for i in range(6)]).to(args.device)
+
+    model = build_model(args).to(args.device)
+    if ddp and device_type == 'cuda':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # projector BN over the global batch
+    optimizer = torch.optim.AdamW(param_groups(model), lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.95) if args.method == 'mae' else (0.9, 0.999),
+                                  fused=device_type == 'cuda')
+    scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'fp16')
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    # Resume: re-running the same command continues from OUT_DIR/ckpt.pt.
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.jsonl')
+    step = 0
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+        for key in ('method', 'model', 'img_size', 'data'):
+            if ckpt['args'][key] != getattr(args, key):
+                die(f"{ckpt_path} was written with --{key.replace('_', '-')} {ckpt['args'][key]}; use another --out-dir")
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step = ckpt['step']
+        rng = ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0]
+        torch.set_rng_state(rng['torch'])
+        if rng['cuda'] is not None and device_type == 'cuda':
+            torch.cuda.set_rng_state(rng['cuda'])
+        if master and os.path.exists(log_path):  # forget log lines of steps that will be redone
+            lines = [line for line in open(log_path) if json.loads(line)['step'] <= step]
+            open(log_path, 'w').writelines(lines)
+    else:
+        torch.manual_seed(args.seed + rank)  # different corruptions / drop paths on each process
+    raw = model
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if device_type == 'cuda' else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    if master:
+        settings = {k: v for k, v in vars(args).items()}
+        print(f'{args.method} + DILEMMA (p={args.dilemma_prob}, drop={args.drop_ratio}, lambda={args.dilemma_weight}) '
+              f'on {args.data} at {args.img_size} px, {args.model}, {sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M '
+              f'trainable parameters, {world} process(es) on {args.device}, {args.dtype}')
+        print(f'global batch {args.batch_size} ({micro_batch} per process x {world} x {args.accum_steps} accumulation), '
+              f'lr {args.lr} x {args.batch_size}/256 = {args.lr * args.batch_size / 256:.3g}, '
+              f'{args.total_steps} steps ({args.epochs} epochs of {args.steps_per_epoch}), resuming at step {step}')
+        print('config: ' + json.dumps(settings))
+
+    def checkpoint():
+        rngs = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, rng_state(args.device))
+        else:
+            rngs = [rng_state(args.device)]
+        if master:
+            backbone = eval_backbone(raw)
+            save_checkpoint({'backbone': backbone.state_dict(), 'backbone_kind': 'vit',
+                             'backbone_args': vit.preset_args(args.model, img_size=args.img_size, pos_embed=args.pos_embed),
+                             'args': vars(args), 'step': step, 'model': raw.state_dict(), 'optimizer': optimizer.state_dict(),
+                             'scaler': scaler.state_dict(), 'rng': rngs}, ckpt_path)
+
+    def evaluate():
+        result = {}
+        if knn_loaders is not None:
+            result['knn_top1'], result['knn_top5'] = eval_linear.knn_monitor(
+                eval_backbone(raw), 'vit', *knn_loaders, args.device, len(knn_sets[0].classes), dtype)
+            if master:
+                save_figure(raw, figure_images, os.path.join(args.out_dir, f'detection_{step:06d}.png'), step,
+                            args.drop_ratio, args.dilemma_prob)
+        if master and result:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps({'step': step, **result}) + '\n')
+        return result
+
+    def micro_batches():
+        """Endless micro-batches, starting where step `step` starts (mid-epoch on resume)."""
+        epoch, start = divmod(step * args.accum_steps, loader.sampler.batches_per_epoch())
+        while True:
+            loader.sampler.set_epoch(epoch, start)
+            for views, _ in loader:
+                yield [v.to(args.device, non_blocking=True) for v in views]
+            epoch, start = epoch + 1, 0
+
+    batches = micro_batches()
+    running = torch.zeros(4, device=args.device)  # loss, method, detect, det_acc: summed on device, synced at logging
+    first_bad = torch.full((), -1, device=args.device)  # first step with a non-finite loss, if any
+    pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    t_log, steps_since_log = time.time(), 0
+    model.train()
+    while step < max_steps:
+        lr, wd = lr_at(step, args), weight_decay_at(step, args)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+            if group['weight_decay'] > 0:
+                group['weight_decay'] = wd
+        for micro in range(args.accum_steps):
+            views = next(batches)
+            sync = micro == args.accum_steps - 1  # DDP all-reduces gradients on the last micro-step only
+            with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
+                out = model(views, step)
+            scaler.scale(out['loss'] / args.accum_steps).backward()
+            running += torch.stack([out['loss'].detach(), out['method'], out['detect'], out['det_acc']]) / args.accum_steps
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out['loss'].detach()), step, first_bad)
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+        if args.method == 'dino' and step < args.freeze_last_layer * args.steps_per_epoch:
+            raw.method.head.last_layer.weight.grad = None  # DINO: prototypes frozen for the first epoch(s)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(raw.method, 'ema_pairs'):  # teacher <- m * teacher + (1 - m) * student
+            m = momentum_at(step, args)
+            with torch.no_grad():
+                for teacher, student in raw.method.ema_pairs():
+                    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+                    torch._foreach_lerp_(t_params, s_params, 1 - m)
+        step += 1
+        steps_since_log += 1
+        pbar.update(1)
+
+        last = step == max_steps
+        if step % args.log_every == 0 or last:
+            if first_bad.item() >= 0:
+                die(f'non-finite loss at step {int(first_bad.item())}; {ckpt_path} holds the last good state')
+            if ddp:
+                dist.all_reduce(running)
+                running /= world
+            loss, method_loss, detect, acc = (running / steps_since_log).tolist()
+            dt = time.time() - t_log
+            record = {'step': step, 'loss': loss, 'method_loss': method_loss, 'detect_loss': detect, 'det_acc': acc,
+                      'lr': lr, 'images_per_s': steps_since_log * args.batch_size / dt}
+            if master:
+                with open(log_path, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+                pbar.set_postfix(loss=f'{loss:.3f}', det=f'{acc:.2f}', ips=f"{record['images_per_s']:.0f}")
+            running.zero_()
+            t_log, steps_since_log = time.time(), 0
+        t_pause = time.time()  # evaluation and checkpoint time is left out of images/s
+        if step % args.eval_every == 0 and not last:
+            result = evaluate()
+            if master and result:
+                pbar.write(f"step {step}: k-NN top-1 {result['knn_top1']:.2f}")
+        if step % args.ckpt_every == 0 or step % args.eval_every == 0 or last:
+            if first_bad.item() >= 0:
+                die(f'non-finite loss at step {int(first_bad.item())}; {ckpt_path} holds the last good state')
+            checkpoint()
+        t_log += time.time() - t_pause
+    pbar.close()
+    result = evaluate()
+    if master and result:
+        print(f"final k-NN top-1 {result['knn_top1']:.2f} (top-5 {result['knn_top5']:.2f}) at step {step}")
+    if ddp:
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except data.DataError as e:
+        die(data.error_line(e))

@@ -1,0 +1,355 @@
+"""dilemma.py: the DILEMMA core (DESIGN.md section 6), the four methods with DILEMMA on and off, the
+training loop (resume, two processes), and bad input."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import dilemma
+import vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# corrupt_positions
+
+@pytest.mark.parametrize('drop_ratio', [0.0, 0.25, 0.5, 0.75])
+def test_labels_line_up_with_kept_tokens(drop_ratio):
+    torch.manual_seed(0)
+    N, L = 5, 64
+    keep, pos, labels = dilemma.corrupt_positions(N, L, drop_ratio, 0.3, 'cpu')
+    K = round(L * (1 - drop_ratio))
+    assert keep.shape == pos.shape == labels.shape == (N, K)
+    assert torch.equal(labels.bool(), pos != keep)  # label 1 exactly where the position is not the token's own
+    for i in range(N):
+        assert len(set(keep[i].tolist())) == K  # each kept token once
+    assert ((pos >= 0) & (pos < L)).all()
+
+
+def test_no_token_gets_its_own_position_and_sparse_wrong_positions_are_dropped_ones():
+    torch.manual_seed(1)
+    for drop_ratio in (0.5, 0.75, 0.9):
+        keep, pos, labels = dilemma.corrupt_positions(200, 64, drop_ratio, 0.5, 'cpu')
+        for i in range(200):
+            kept = set(keep[i].tolist())
+            wrong = pos[i][labels[i].bool()].tolist()
+            assert not kept & set(wrong)  # never a kept location (so never its own)
+            assert len(set(wrong)) == len(wrong)  # no two tokens share an embedding
+            assert len(set(pos[i].tolist())) == keep.shape[1]
+
+
+def test_dense_wrong_positions_are_any_other_location():
+    torch.manual_seed(2)
+    keep, pos, labels = dilemma.corrupt_positions(400, 16, 0.0, 0.5, 'cpu')
+    assert torch.equal(keep, torch.arange(16).expand(400, 16))
+    wrong = labels.bool()
+    assert (pos[wrong] != keep[wrong]).all()
+    # uniform over the 15 others: every (token, wrong position) pair turns up
+    pairs = set(zip(keep[wrong].tolist(), pos[wrong].tolist()))
+    assert len(pairs) == 16 * 15
+
+
+def test_corrupted_fraction_is_close_to_p_and_kept_tokens_are_uniform():
+    torch.manual_seed(3)
+    keep, _, labels = dilemma.corrupt_positions(2000, 64, 0.75, 0.2, 'cpu')
+    assert abs(labels.mean().item() - 0.2) < 0.01  # 32,000 tokens: standard error 0.002
+    freq = torch.bincount(keep.flatten(), minlength=64).float() / 2000
+    assert (freq - 0.25).abs().max() < 0.05  # each location kept with probability K / L
+    _, _, none = dilemma.corrupt_positions(100, 64, 0.75, 0.0, 'cpu')
+    assert none.sum() == 0
+
+
+def tiny_backbone(**kw):
+    torch.manual_seed(0)
+    return vit.vit('vit_micro/4', **kw)
+
+
+def test_corrupting_positions_changes_the_encoder_output():
+    """The official fork's bug 1: corrupted positions never reached the network."""
+    enc = dilemma.DilemmaEncoder(tiny_backbone(), 0.75, 0.5, 1.0).eval()
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(5)
+    keep, pos, labels = dilemma.corrupt_positions(4, 64, 0.75, 0.5, 'cpu')
+    assert labels.sum() > 0
+    clean, corrupted = enc.backbone(x, keep), enc.backbone(x, keep, pos)
+    moved = labels.bool()
+    assert (clean[:, 1:][moved] - corrupted[:, 1:][moved]).abs().amax(-1).min() > 1e-3
+    torch.manual_seed(5)
+    tokens, keep_out, (loss, acc) = enc(x)  # the encoder draws the same corruption from the same seed
+    torch.testing.assert_close(tokens, corrupted)
+    assert torch.equal(keep_out, keep) and 0 <= acc <= 1 and loss > 0
+
+
+def test_detection_loss_value():
+    head = torch.nn.Linear(8, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.constant_(head.bias, 2.0)  # every token says "wrong" with logit 2
+    tokens = torch.randn(2, 1 + 3, 8)
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    loss, acc = dilemma.detection_loss(head, tokens, labels)
+    expected = (3 * F.softplus(torch.tensor(-2.0)) + 3 * F.softplus(torch.tensor(2.0))) / 6
+    torch.testing.assert_close(loss, expected)
+    assert acc.item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods: DILEMMA off is exactly the plain method
+
+def method_args(method, *extra):
+    args = dilemma.get_args(['--method', method, '--model', 'vit_micro/4', '--proj-hidden', '32', '--proj-dim', '16',
+                             '--out-dim', '64', '--decoder-dim', '32', '--local-crops', '2', *extra])
+    args.steps_per_epoch, args.total_steps = 10, 100
+    return args
+
+
+def views_for(method, N=4):
+    g = torch.Generator().manual_seed(0)
+    if method == 'dino':
+        return [torch.randn(N, 3, 32, 32, generator=g) for _ in range(2)] + [torch.randn(N, 3, 16, 16, generator=g) for _ in range(2)]
+    return [torch.randn(N, 3, 32, 32, generator=g) for _ in range(1 if method == 'mae' else 2)]
+
+
+def plain_loss(model, method, views, step):
+    """Each method's loss written out directly from its definition, without DILEMMA."""
+    m = model.method
+    if method == 'mocov3':
+        def ctr(q, k):
+            q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+            return F.cross_entropy(q @ k.T / 0.2, torch.arange(len(q))) * 2 * 0.2
+        q1, q2 = (m.predictor(m.projector(m.student.backbone(x)[:, 0])) for x in views)
+        k1, k2 = (m.teacher_projector(m.teacher(x)[:, 0]) for x in views)
+        return ctr(q1, k2) + ctr(q2, k1)
+    if method == 'simclr':
+        z = F.normalize(torch.cat([m.projector(m.student.backbone(x)[:, 0]) for x in views]), dim=1)
+        n = len(views[0])
+        sim = (z @ z.T / m.temperature).masked_fill(torch.eye(2 * n, dtype=torch.bool), float('-inf'))
+        return F.cross_entropy(sim, torch.cat([torch.arange(n, 2 * n), torch.arange(n)]))
+    if method == 'dino':
+        t = [F.softmax(m.teacher_head(m.teacher(x)[:, 0]) / dilemma.teacher_temp_at(step, m.args), -1) for x in views[:2]]
+        s = [F.log_softmax(m.head(m.student.backbone(x)[:, 0]) / m.student_temp, -1) for x in views]
+        terms = [-(t[i] * s[j]).sum(-1).mean() for i in range(2) for j in range(len(views)) if i != j]
+        return sum(terms) / len(terms)
+    if method == 'mae':  # MAE's masking and loss, with the encoder told nothing but true positions
+        x, P = views[0], 4
+        L, K = 64, round(64 * 0.25)
+        keep = torch.rand(len(x), L).argsort(1)[:, :K]
+        y = m.decoder_embed(m.student.backbone(x, keep))
+        full = m.mask_token.expand(len(x), L, -1).clone()
+        for i in range(len(x)):
+            full[i, keep[i]] = y[i, 1:]
+        y = torch.cat([y[:, :1], full + m.decoder_pos], 1)
+        for block in m.decoder_blocks:
+            y = block(y)
+        pred = m.decoder_pred(m.decoder_norm(y))[:, 1:]
+        target = x.unfold(2, P, P).unfold(3, P, P).permute(0, 2, 3, 4, 5, 1).reshape(len(x), L, -1)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        err = ((pred - target) ** 2).mean(-1)
+        masked = torch.ones(len(x), L)
+        for i in range(len(x)):
+            masked[i, keep[i]] = 0
+        return (err * masked).sum() / masked.sum()
+
+
+@pytest.mark.parametrize('method', dilemma.METHODS)
+def test_dilemma_off_is_exactly_the_plain_method(method):
+    off = ['--dilemma-prob', '0'] + ([] if method == 'mae' else ['--drop-ratio', '0'])
+    torch.manual_seed(0)
+    model = dilemma.build_model(method_args(method, *off))
+    assert model.method.student.detect is None
+    views = views_for(method)
+    torch.manual_seed(7)
+    out = model(views, step=3)
+    torch.manual_seed(7)
+    expected = plain_loss(model, method, views, 3)
+    torch.testing.assert_close(out['loss'], expected, rtol=1e-5, atol=1e-5)
+    assert out['detect'] == 0 and out['loss'] == out['method']
+
+
+@pytest.mark.parametrize('method', dilemma.METHODS)
+def test_dilemma_on_adds_the_detection_loss_and_trains(method):
+    torch.manual_seed(0)
+    model = dilemma.build_model(method_args(method, '--dilemma-weight', '0.5'))
+    views = views_for(method)
+    out = model(views, step=0)
+    assert torch.isfinite(out['loss']) and out['detect'] > 0
+    torch.testing.assert_close(out['loss'].detach(), out['method'] + 0.5 * out['detect'])
+    out['loss'].backward()
+    head = model.method.student.detect
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    if hasattr(model.method, 'teacher'):  # the teacher is only ever updated by EMA
+        assert all(p.grad is None for p in model.method.teacher.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+
+def train(tmp_path, name, *extra, folder=None):
+    out = str(tmp_path / name)
+    argv = ['--model', 'vit_micro/4', '--batch-size', '8', '--workers', '0', '--dtype', 'fp32', '--out-dir', out,
+            '--proj-hidden', '32', '--proj-dim', '16', '--out-dim', '64', '--decoder-dim', '32', '--local-crops', '2',
+            '--log-every', '1', *extra]
+    if folder:
+        argv += ['--data', 'folder', '--data-path', folder]
+    result = dilemma.main(argv)
+    return out, result
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+
+
+@pytest.mark.parametrize('method', dilemma.METHODS)
+@pytest.mark.parametrize('on', [True, False])
+def test_each_method_runs_a_few_steps(method, on, tmp_path, image_folder):
+    off = ['--dilemma-prob', '0'] + ([] if method == 'mae' else ['--drop-ratio', '0'])
+    out, result = train(tmp_path, 'run', '--method', method, '--max-steps', '3', *([] if on else off), folder=image_folder)
+    steps = [r for r in read_log(out) if 'loss' in r]
+    assert [r['step'] for r in steps] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r['loss'])) for r in steps)
+    assert all((r['detect_loss'] > 0) == on for r in steps)
+    assert 0 <= result['knn_top1'] <= 100
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    assert ckpt['step'] == 3 and ckpt['backbone_kind'] == 'vit'
+    assert vit.VisionTransformer(**ckpt['backbone_args']).load_state_dict(ckpt['backbone']) is not None
+    assert any(f.startswith('detection_') and f.endswith('.png') for f in os.listdir(out))
+
+
+def test_resume_reaches_the_same_parameters(tmp_path, image_folder):
+    whole, _ = train(tmp_path, 'whole', '--method', 'dino', '--max-steps', '4', '--drop-path', '0.1', folder=image_folder)
+    part, _ = train(tmp_path, 'part', '--method', 'dino', '--max-steps', '2', '--drop-path', '0.1', folder=image_folder)
+    train(tmp_path, 'part', '--method', 'dino', '--max-steps', '4', '--drop-path', '0.1', folder=image_folder)
+    a = torch.load(os.path.join(whole, 'ckpt.pt'), weights_only=False)
+    b = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=False)
+    assert a['step'] == b['step'] == 4
+    for k, v in a['model'].items():
+        torch.testing.assert_close(b['model'][k], v, rtol=0, atol=0, msg=k)
+    assert [r['step'] for r in read_log(part) if 'loss' in r] == [1, 2, 3, 4]
+
+
+def test_detection_loss_falls_well_below_its_start_on_shapes():
+    """With p = 0.5 guessing gives BCE = log 2 = 0.693 whatever the head learns about the base rate;
+    only an encoder that finds the misplaced tokens gets lower. (Without augmentation and with fixed
+    sin-cos positions, so that a tiny model gets there in a few hundred steps.)"""
+    torch.manual_seed(0)
+    shapes = data.Shapes('train', n=4096)
+    images = (shapes.images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    enc = dilemma.DilemmaEncoder(vit.vit('vit_micro/4', pos_embed='sincos'), 0.5, 0.5, 1.0)
+    opt = torch.optim.AdamW(enc.parameters(), lr=2e-3)
+    losses, accs = [], []
+    for step in range(600):
+        for group in opt.param_groups:
+            group['lr'] = 2e-3 * min(1.0, (step + 1) / 100)
+        _, _, (loss, acc) = enc(images[torch.randint(0, len(images), (128,))])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        accs.append(acc.item())
+    start, end = sum(losses[:20]) / 20, sum(losses[-50:]) / 50
+    assert start > 0.68
+    assert end < 0.62 and sum(accs[-50:]) / 50 > 0.62, (end, sum(accs[-50:]) / 50)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def full_batch():
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(8, 16, generator=g) for k in ('q', 'k', 'z1', 'z2')}
+
+
+def dino_views():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)] + [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
+
+
+def dino_model():
+    torch.manual_seed(0)
+    return dilemma.build_model(method_args('dino', '--dilemma-prob', '0', '--drop-ratio', '0'))
+
+
+def _two_process_worker(rank, world, port, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world)
+    half = slice(4 * rank, 4 * rank + 4)  # process r holds block r of the global batch
+    b = {k: v[half].clone().requires_grad_() for k, v in full_batch().items()}
+    moco = dilemma.contrastive_loss(b['q'], b['k'], 0.2)
+    simclr = dilemma.nt_xent(b['z1'], b['z2'], 0.2)
+    simclr.backward()
+    model = dino_model()
+    dino = model([v[half] for v in dino_views()], step=0)['loss']
+    torch.save({'moco': moco.detach(), 'simclr': simclr.detach(), 'grad_z1': b['z1'].grad, 'grad_z2': b['z2'].grad,
+                'dino': dino.detach(), 'center': model.method.center}, f'{out}.{rank}')
+    dist.destroy_process_group()
+
+
+def test_two_processes_agree_with_one_on_the_same_global_batch(tmp_path):
+    """MoCo v3's gathered keys, SimCLR's gathered negatives (and their gradient), DINO's all-reduced
+    centre: two processes with half the batch each compute what one process computes on all of it."""
+    import torch.multiprocessing as mp
+    out = str(tmp_path / 'r')
+    mp.spawn(_two_process_worker, args=(2, free_port(), out), nprocs=2)
+    ranks = [torch.load(f'{out}.{r}') for r in range(2)]
+    b = {k: v.clone().requires_grad_() for k, v in full_batch().items()}
+    moco = dilemma.contrastive_loss(b['q'], b['k'], 0.2)
+    simclr = dilemma.nt_xent(b['z1'], b['z2'], 0.2)
+    simclr.backward()
+    model = dino_model()
+    dino = model(dino_views(), step=0)['loss']
+    mean = lambda key: (ranks[0][key] + ranks[1][key]) / 2
+    torch.testing.assert_close(mean('moco'), moco.detach())
+    torch.testing.assert_close(mean('simclr'), simclr.detach())
+    # DDP averages the processes' gradients: (grad on process r) / 2 == the single-process gradient
+    for key in ('z1', 'z2'):
+        grad = torch.cat([ranks[0][f'grad_{key}'], ranks[1][f'grad_{key}']]) / 2
+        torch.testing.assert_close(grad, b[key].grad)
+    torch.testing.assert_close(mean('dino'), dino.detach(), rtol=1e-5, atol=1e-5)
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]['center'], model.method.center)
+
+
+def test_torchrun_two_processes_complete_a_run(tmp_path, image_folder):
+    out = str(tmp_path / 'ddp')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'dilemma.py'), '--method', 'simclr', '--model', 'vit_micro/4', '--batch-size', '8',
+           '--workers', '0', '--dtype', 'fp32', '--device', 'cpu', '--proj-hidden', '32', '--max-steps', '3',
+           '--log-every', '1', '--data', 'folder', '--data-path', image_folder, '--out-dir', out]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'final k-NN top-1' in run.stdout and '2 process(es)' in run.stdout
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['step'] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2
+
+@pytest.mark.parametrize('argv, env, message', [
+    (['--method', 'byol'], {}, "invalid choice: 'byol'"),
+    (['--drop-ratio', '1.0'], {}, '--drop-ratio must be in [0, 1)'),
+    (['--drop-ratio', '-0.1'], {}, '--drop-ratio must be in [0, 1)'),
+    (['--batch-size', '9'], {'WORLD_SIZE': '2'}, 'not divisible by 2 process(es)'),
+    (['--method', 'mae', '--drop-ratio', '0'], {}, "MAE's mask ratio"),
+    (['--data', 'imagenet21k'], {}, "unknown dataset 'imagenet21k'"),
+    (['--data', 'folder', '--data-path', '/no/such/dir', '--max-steps', '1'], {}, 'existing folder'),
+    (['--img-size', '30'], {}, 'not divisible by the patch size 4'),
+    (['--model', 'vit_huge/14'], {}, "unknown model 'vit_huge/14'"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, env, message):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, 'dilemma.py'), *argv], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env={**os.environ, **env})
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count('\n') == 1 and message in run.stderr, run.stderr
