@@ -3,10 +3,16 @@ Evaluate the frozen features of a checkpoint written by dilemma.py or co_byol.py
 backbone, --random-init) on a labelled dataset, without augmentation:
 
 - weighted k-NN (cosine similarity, k = 20, votes weighted by exp(sim / 0.07), as DINO reports it);
-- a linear probe trained on features extracted once and cached (top-1 and top-5).
+- a linear probe trained on features extracted once and cached (top-1 and top-5);
+- with --robustness, the top-1 of backbone + trained probe on perturbed validation images: Gaussian
+  noise, occlusion of random square patches, and FGSM / PGD attacks (DESIGN.md section 4).
+
+Features: the ViT's class token (or mean patch token), or the RF-ResNet's average-pooled feature map.
 
     python eval_linear.py out/dino/ckpt.pt
+    python eval_linear.py out/co_byol/ckpt.pt --robustness
     python eval_linear.py --random-init --model vit_tiny/4 --data folder --data-path ../shared/data/cifar10-6k
+    python eval_linear.py --random-init --arch rf25_small --width 0.125 --robustness
     torchrun --nproc_per_node=2 eval_linear.py out/dino/ckpt.pt      # feature extraction split over 2
 
 The checkpoint contract (both training scripts write it): a dict with 'backbone' (state dict),
@@ -24,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
+import rf_resnet
 import vit
 
 # ----------------------------------------------------------------------------------------------
@@ -34,7 +41,6 @@ def build_backbone(kind, backbone_args):
     if kind == 'vit':
         return vit.VisionTransformer(**backbone_args)
     if kind == 'rf_resnet':
-        import rf_resnet
         return rf_resnet.RFResNet(**backbone_args)
     raise ValueError(f"unknown backbone kind '{kind}'")
 
@@ -163,6 +169,89 @@ class Standardise(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
+# ----------------------------------------------------------------------------------------------
+# Robustness: the frozen backbone + trained probe on perturbed validation images. Noise and attack
+# strengths are in pixel units of the [0, 1] image (before normalisation); perturbed images are
+# clipped to [0, 1].
+
+def to_pixels(x):
+    """Normalised images (N, 3, H, W) -> [0, 1] pixels (and back with from_pixels)."""
+    return x * x.new_tensor(data.STD)[:, None, None] + x.new_tensor(data.MEAN)[:, None, None]
+
+
+def from_pixels(x):
+    return (x - x.new_tensor(data.MEAN)[:, None, None]) / x.new_tensor(data.STD)[:, None, None]
+
+
+def gaussian_noise(x, sigma, generator):
+    """Add N(0, sigma^2) to every pixel of the [0, 1] image (as ImageNet-C, sigma 0.08 ... 0.38), clip."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device)
+    return from_pixels((to_pixels(x) + sigma * noise).clamp(0, 1))
+
+
+def occlude(x, fraction, grid, generator):
+    """Cut each image into grid x grid square cells and grey out round(fraction * grid^2) random ones
+    (value 0 in normalised units: the dataset's mean colour)."""
+    N, _, H, W = x.shape
+    n_cells = round(fraction * grid * grid)
+    order = torch.rand(N, grid * grid, generator=generator, device=x.device).argsort(1)
+    cells = torch.zeros(N, grid * grid, dtype=torch.bool, device=x.device)
+    cells.scatter_(1, order[:, :n_cells], True)
+    rows = torch.arange(H, device=x.device) * grid // H  # the cell row of each pixel row
+    cols = torch.arange(W, device=x.device) * grid // W
+    mask = cells.view(N, grid, grid)[:, rows][:, :, cols]  # (N, H, W)
+    return x.masked_fill(mask[:, None], 0.0)
+
+
+def attack(model, x, y, eps, steps):
+    """L-infinity attack on the cross-entropy of `model` (normalised images -> logits), eps in [0, 1]
+    pixel units. steps = 1: FGSM (one step of eps); more: PGD without random start, step 2.5 eps / steps,
+    each step projected back onto the eps-ball and the valid image. Returns normalised images."""
+    clean = to_pixels(x).detach()
+    adv, alpha = clean.clone(), eps if steps == 1 else 2.5 * eps / steps
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        loss = F.cross_entropy(model(from_pixels(adv)).float(), y)
+        grad, = torch.autograd.grad(loss, adv)
+        adv = adv.detach() + alpha * grad.sign()
+        adv = torch.minimum(torch.maximum(adv, clean - eps), clean + eps).clamp(0, 1)
+    return from_pixels(adv).detach()
+
+
+def robustness(backbone, kind, classifier, loader, device, dtype, pool, args):
+    """Top-1 (%) of backbone + probe on the loader's images under each perturbation of args.
+    Returns {'noise': {sigma: acc}, 'occlusion': {fraction: acc}, 'fgsm': {'k/255': acc}, 'pgd': {...}}."""
+    backbone.eval().requires_grad_(False)
+    classifier.requires_grad_(False)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def model(x):
+        with autocast:
+            return classifier(features(backbone, kind, x, pool).float())
+
+    rank = data.dist_info()[0]
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    tests = ([('noise', s, lambda x, y, s=s: gaussian_noise(x, s, generator)) for s in args.noise_sigmas]
+             + [('occlusion', f, lambda x, y, f=f: occlude(x, f, args.occlusion_grid, generator)) for f in args.occlusion]
+             + [(name, f'{e:g}/255', lambda x, y, e=e, k=k: attack(model, x, y, e / 255, k))
+                for name, k in (('fgsm', 1), ('pgd', args.pgd_steps)) for e in args.attack_eps])
+    correct, total = torch.zeros(len(tests), device=device), torch.zeros((), device=device)
+    for images, y in loader:
+        x, y = images.to(device, non_blocking=True), y.to(device)
+        for i, (_, _, perturb) in enumerate(tests):
+            x_bad = perturb(x, y)
+            with torch.no_grad():
+                correct[i] += (model(x_bad).argmax(1) == y).sum()
+        total += len(y)
+    if data.dist_info()[1] > 1:
+        dist.all_reduce(correct)
+        dist.all_reduce(total)
+    results = {}
+    for (name, strength, _), c in zip(tests, (100 * correct / total).tolist()):
+        results.setdefault(name, {})[str(strength)] = c
+    return results
+
+
 def knn_monitor(backbone, kind, train_loader, val_loader, device, num_classes, dtype=torch.bfloat16):
     """What the training scripts call at each evaluation: k-NN top-1 / top-5 on the val split."""
     train_f, train_y = extract_features(backbone, kind, train_loader, device, dtype)
@@ -178,7 +267,8 @@ def get_args(argv=None):
     p.add_argument('ckpt', nargs='?', help='ckpt.pt written by dilemma.py or co_byol.py')
     p.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (the floor)')
     p.add_argument('--model', default='vit_tiny/4', help=f'ViT preset for --random-init: {", ".join(vit.PRESETS)}')
-    p.add_argument('--arch', default=None, help='RF-ResNet preset for --random-init (instead of --model)')
+    p.add_argument('--arch', default=None, help=f'RF-ResNet preset for --random-init (instead of --model): {", ".join(rf_resnet.PRESETS)}')
+    p.add_argument('--width', type=float, default=1.0, help='RF-ResNet width multiplier for --random-init')
     p.add_argument('--data', default=None, help=f'one of {", ".join(data.DATASETS)} (default: the checkpoint\'s, else shapes)')
     p.add_argument('--data-path', default=None, help='dataset folder (ImageFolder tree with train/ and val/ for --data folder)')
     p.add_argument('--download', action='store_true', help='let torchvision download CIFAR / STL-10')
@@ -194,6 +284,13 @@ def get_args(argv=None):
     p.add_argument('--probe-lr', type=float, default=0.1)
     p.add_argument('--probe-wd', type=float, default=0.0)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--robustness', action='store_true', help='after the probe: top-1 under noise, occlusion, FGSM and PGD')
+    p.add_argument('--noise-sigmas', type=float, nargs='+', default=[0, 0.05, 0.1, 0.2, 0.4], help='Gaussian noise std, [0, 1] pixel units')
+    p.add_argument('--occlusion', type=float, nargs='+', default=[0, 0.1, 0.25, 0.5], help='fractions of the image occluded')
+    p.add_argument('--occlusion-grid', type=int, default=8, help='occluded patches are cells of a GRID x GRID partition')
+    p.add_argument('--attack-eps', type=float, nargs='+', default=[1, 2], help='FGSM / PGD L-inf radius, in units of 1/255 of the pixel range')
+    p.add_argument('--pgd-steps', type=int, default=5)
+    p.add_argument('--robust-images', type=int, default=0, help='evaluate robustness on this many random val images (0 = all)')
     p.error = lambda msg: die(msg)  # one line, exit 2 (argparse would print the whole usage first)
     return p.parse_args(argv)
 
@@ -227,8 +324,11 @@ def main(argv=None):
         args.data = args.data or 'shapes'
         img = args.img_size or data.default_img_size(args.data, args.data_path)
         if args.arch:
-            import rf_resnet
-            kind, backbone_args = 'rf_resnet', rf_resnet.preset_args(args.arch)
+            if args.arch not in rf_resnet.PRESETS:
+                die(f"unknown arch '{args.arch}' (choose from {', '.join(rf_resnet.PRESETS)})")
+            if args.width <= 0:
+                die(f'--width must be positive, got {args.width}')
+            kind, backbone_args = 'rf_resnet', rf_resnet.preset_args(args.arch, width=args.width)
         elif args.model not in vit.PRESETS:
             die(f"unknown model '{args.model}' (choose from {', '.join(vit.PRESETS)})")
         else:
@@ -243,6 +343,12 @@ def main(argv=None):
         or data.default_img_size(args.data, args.data_path)
     if kind == 'vit' and img_size % backbone_args['patch_size']:
         die(f"image size {img_size} is not divisible by the patch size {backbone_args['patch_size']}")
+    if kind == 'rf_resnet' and rf_resnet.feature_size(backbone_args, img_size) == 0:
+        die(f'image size {img_size} is too small for this RF-ResNet (its feature map would be empty)')
+    if args.robustness and args.probe_epochs <= 0:
+        die('--robustness evaluates the linear probe: it needs --probe-epochs > 0')
+    if not all(0 <= f <= 1 for f in args.occlusion) or args.occlusion_grid < 1 or args.pgd_steps < 1:
+        die('--occlusion fractions must be in [0, 1], --occlusion-grid and --pgd-steps >= 1')
     backbone.to(args.device)
 
     tf = data.eval_transform(img_size)
@@ -261,8 +367,16 @@ def main(argv=None):
     results['knn_top1'], results['knn_top5'] = knn_classify(train_f, train_y, val_f, val_y, num_classes,
                                                             args.k, args.temperature)
     if args.probe_epochs > 0:
-        (results['probe_top1'], results['probe_top5']), _ = linear_probe(
+        (results['probe_top1'], results['probe_top5']), classifier = linear_probe(
             train_f, train_y, val_f, val_y, num_classes, args.probe_epochs, args.probe_lr, args.probe_wd, seed=args.seed)
+    if args.robustness:
+        robust_set = val_set
+        if 0 < args.robust_images < len(val_set):
+            pick = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(args.seed))[:args.robust_images]
+            robust_set = torch.utils.data.Subset(val_set, pick.sort().values.tolist())
+        robust_loader = data.make_loader(robust_set, args.batch_size, train=False, workers=args.workers, device=args.device)
+        results['robustness'] = robustness(backbone, kind, classifier, robust_loader, args.device, dtype, args.pool, args)
+        results['robust_images'] = len(robust_set)
     results['seconds'] = round(time.time() - t0, 1)
 
     if rank == 0:
@@ -274,6 +388,13 @@ def main(argv=None):
         print(f"{f'k-NN (k={args.k}, T={args.temperature})':<24}{results['knn_top1']:>8.2f}{results['knn_top5']:>8.2f}")
         if 'probe_top1' in results:
             print(f"{f'linear probe ({args.probe_epochs} ep)':<24}{results['probe_top1']:>8.2f}{results['probe_top5']:>8.2f}")
+        if 'robustness' in results:
+            print(f"robustness: probe top-1 on {results['robust_images']} val images (noise and eps in [0, 1] pixel units)")
+            labels = {'noise': lambda s: f'noise sigma {s}', 'occlusion': lambda s: f'occlusion {float(s):.0%}',
+                      'fgsm': lambda s: f'FGSM eps {s}', 'pgd': lambda s: f'PGD-{args.pgd_steps} eps {s}'}
+            for name, accs in results['robustness'].items():
+                for strength, acc in accs.items():
+                    print(f'{labels[name](strength):<24}{acc:>8.2f}')
         settings = {k: v for k, v in vars(args).items()}
         settings.update(kind=kind, backbone_args=backbone_args, img_size=img_size, world_size=world)
         print(json.dumps({'results': results, 'settings': settings}))

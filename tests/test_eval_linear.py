@@ -119,3 +119,64 @@ def test_gather_in_order_across_two_processes(tmp_path):
     full = torch.arange(11 * 3, dtype=torch.float32).view(11, 3)
     for rank in range(2):
         torch.testing.assert_close(torch.load(out + f'.{rank}'), full)
+
+
+# ----------------------------------------------------------------------------------------------
+# Robustness
+
+def stripes(n, seed):
+    """Class 0: horizontal stripes, class 1: vertical, random phase: a random-init CNN + probe separates them."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    wave = 0.5 + 0.3 * torch.sin(0.8 * torch.arange(32.0)[None, :, None] + 6.28 * torch.rand(n, 1, 1, generator=g))
+    img = torch.where(y[:, None, None] == 0, wave.expand(n, 32, 32), wave.transpose(1, 2).expand(n, 32, 32))
+    return eval_linear.from_pixels(img[:, None].repeat(1, 3, 1, 1)), y
+
+
+def test_perturbations_stay_in_the_image_and_the_eps_ball():
+    x, y = stripes(8, seed=1)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(eval_linear.gaussian_noise(x, 0.0, g), x)
+    noisy = eval_linear.to_pixels(eval_linear.gaussian_noise(x, 0.5, g))
+    assert noisy.min() >= -1e-6 and noisy.max() <= 1 + 1e-6 and (noisy - eval_linear.to_pixels(x)).abs().mean() > 0.2
+    occluded = eval_linear.occlude(x, 0.25, 4, g)
+    grey = (occluded == 0).all(1)  # (N, H, W): pixels set to the mean colour
+    assert torch.allclose(grey.float().mean((1, 2)), torch.full((8,), 0.25))  # 4 of 16 cells, each 8 x 8
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    for steps in (1, 3):
+        adv = eval_linear.attack(linear, x, y, 4 / 255, steps)
+        delta = eval_linear.to_pixels(adv) - eval_linear.to_pixels(x)
+        assert delta.abs().max() <= 4 / 255 + 1e-5 and delta.abs().max() > 3 / 255
+        loss = torch.nn.functional.cross_entropy
+        assert loss(linear(adv), y) > loss(linear(x), y)  # the attack increases the probe's loss
+
+
+def test_robustness_accuracy_falls_as_the_noise_grows_on_a_random_init_network():
+    import types
+    import rf_resnet
+    torch.manual_seed(0)
+    backbone = rf_resnet.RFResNet(**rf_resnet.preset_args('rf17_small', width=0.125)).eval()
+    (train_x, train_y), (val_x, val_y) = stripes(400, seed=0), stripes(200, seed=1)
+    with torch.no_grad():
+        train_f, val_f = (eval_linear.features(backbone, 'rf_resnet', x) for x in (train_x, val_x))
+    (clean, _), probe = eval_linear.linear_probe(train_f, train_y, val_f, val_y, 2, epochs=50)
+    assert clean > 95
+    args = types.SimpleNamespace(seed=0, noise_sigmas=[0, 0.1, 0.3, 1.0], occlusion=[0, 1.0], occlusion_grid=4,
+                                 attack_eps=[8], pgd_steps=3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(val_x, val_y), batch_size=100)
+    r = eval_linear.robustness(backbone, 'rf_resnet', probe, loader, 'cpu', torch.float32, 'cls', args)
+    noise = [r['noise'][str(s)] for s in args.noise_sigmas]
+    assert noise[0] == clean
+    assert noise[0] > noise[1] > noise[2] and noise[3] < 65, noise  # falls with sigma, to near chance
+    majority = 100 * max(val_y.float().mean(), 1 - val_y.float().mean())
+    assert r['occlusion']['1.0'] <= majority + 1e-4  # a fully grey image carries no class
+    assert r['pgd']['8/255'] <= r['fgsm']['8/255'] < clean
+
+
+def test_robustness_from_the_command_line(tmp_path):
+    out = run('--random-init', '--arch', 'rf17_small', '--width', '0.125', '--robustness', '--robust-images', '64',
+              '--noise-sigmas', '0', '0.3', '--probe-epochs', '5', '--workers', '0', '--attack-eps', '1')
+    assert out.returncode == 0, out.stderr
+    assert 'noise sigma 0.3' in out.stdout and 'PGD-5 eps 1/255' in out.stdout
+    result = json.loads(out.stdout.strip().splitlines()[-1])['results']
+    assert set(result['robustness']) == {'noise', 'occlusion', 'fgsm', 'pgd'} and result['robust_images'] == 64
