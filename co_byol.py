@@ -17,16 +17,20 @@ projection of the other view. total = (1 - w) * global + w * local, so w = 0 is 
     python co_byol.py                                 # embedded shapes data, ~10 min on 2 CPU cores
     python co_byol.py --local-weight 0                # plain BYOL, same code path
     torchrun --nproc_per_node=8 co_byol.py --data folder --data-path /imagenet --arch resnet50
-Re-running the same command resumes from OUT_DIR/ckpt.pt.
+Re-running the same command resumes from OUT_DIR/ckpt.pt (or ckpt_prev.pt if ckpt.pt is unreadable).
+Exit status: 0 done, 2 bad input or data, 3 non-finite loss (the last good checkpoint is kept), 4 a
+checkpoint or log could not be written, 75 stopped by SIGTERM / SIGUSR1 after writing a checkpoint.
 """
 import argparse
 import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -81,12 +85,19 @@ parser.add_argument('--out-dir', default=None, help='default: out/co_byol (out/b
 parser.add_argument('--log-every', type=int, default=20, help='steps between log.jsonl lines')
 parser.add_argument('--eval-every', type=int, default=None, help='steps between k-NN + figure + checkpoint (default: 4 per run)')
 parser.add_argument('--ckpt-every', type=int, default=200, help='steps between checkpoints')
+parser.add_argument('--skip-bad-images', action='store_true', help='skip unreadable images (named on stderr, counted in the log) instead of stopping')
+parser.add_argument('--dist-timeout', type=float, default=10, help='minutes a process waits for the others before giving up')
 
 
-def die(msg):
-    """Bad input: one line on stderr, exit status 2 (what argparse itself does, without the usage)."""
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_DISK, EXIT_PREEMPTED = 2, 3, 4, 75
+
+
+def die(msg, status=EXIT_BAD_INPUT):
+    """One line on stderr and a non-zero exit status (2, bad input, is what argparse itself uses)."""
+    for bar in list(getattr(tqdm, '_instances', ())):  # close progress bars first: the error is the last line
+        bar.close()
     print(f'co_byol.py: error: {msg}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 parser.error = die
@@ -338,13 +349,68 @@ def save_figure(model, images, path, step):
 
 
 def save_checkpoint(obj, path):
-    """Atomic: write a temporary file, flush it to disk, then rename over the old checkpoint."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Never half-written: write PATH.tmp and fsync it; only then move the old checkpoint to
+    ckpt_prev.pt and rename the new one into place. A failed write (disk full, read-only folder)
+    is a one-line error (exit 4) that leaves the previous checkpoint as it was."""
+    tmp, prev = path + '.tmp', path[:-3] + '_prev.pt'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            os.replace(path, prev)
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
+        os.fsync(folder)  # the renames themselves reach the disk
+        os.close(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        die(f'cannot write checkpoint {path}: {e}; the previous checkpoint is untouched', EXIT_DISK)
+
+
+def load_checkpoint(path):
+    """The newest readable checkpoint: ckpt.pt, else ckpt_prev.pt (after a crash between the two renames
+    of save_checkpoint, or when ckpt.pt was truncated). None when there is none."""
+    prev = path[:-3] + '_prev.pt'
+    for p in (path, prev):
+        if os.path.exists(p):
+            try:
+                ckpt = torch.load(p, map_location='cpu', weights_only=False)
+            except Exception as e:  # truncated zip, garbage, ...: torch raises several types
+                print(f'warning: {p} is unreadable ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); '
+                      'trying the previous checkpoint', file=sys.stderr)
+                continue
+            if p == prev and os.path.exists(path):
+                os.replace(path, path + '.corrupt')  # so that the next save does not make it ckpt_prev.pt
+            return ckpt
+    if os.path.exists(path) or os.path.exists(prev):
+        die(f'no readable checkpoint in {os.path.dirname(path)}: move the checkpoints away or use another --out-dir')
+    return None
+
+
+def check_writable(folder):
+    """Fail at start, not at the first checkpoint, when the output folder cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, '.write_test'), 'w') as f:
+            f.write('ok')
+        os.remove(os.path.join(folder, '.write_test'))
+    except OSError as e:
+        die(f'cannot write to --out-dir {folder}: {e.strerror or e}', EXIT_DISK)
+
+
+STOP_SIGNALS = []  # names of SIGTERM / SIGUSR1 received: finish the step, checkpoint, exit 75
+
+
+def request_stop(signum, frame):
+    STOP_SIGNALS.append(signal.Signals(signum).name)
+
+
+def nonfinite_message(step, names, values):
+    bad = [f'{name} is {v}' for name, v in zip(names, values) if not math.isfinite(v)]
+    return f'non-finite loss at step {step} ({", ".join(bad) or "total loss"})'
 
 
 def rng_state(device):
@@ -353,9 +419,10 @@ def rng_state(device):
 
 def main(argv=None):
     args = get_args(argv)
+    check_writable(args.out_dir)
     ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
     if ddp:
-        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo', timeout=timedelta(minutes=args.dist_timeout))
         if args.device.startswith('cuda'):
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(args.device)
@@ -368,15 +435,15 @@ def main(argv=None):
 
     # Data: pretraining views, and (when labels exist) the k-NN monitor's train/val splits.
     views_tf = data.two_views(args.img_size, args.crop_min)
-    train_set = data.build_dataset(args.data, args.data_path, 'pretrain', views_tf, args.download, args.seed)
+    train_set = data.build_dataset(args.data, args.data_path, 'pretrain', views_tf, args.download, args.seed, args.skip_bad_images)
     micro_batch = args.batch_size // (world * args.accum_steps)
     loader = data.make_loader(train_set, micro_batch, train=True, seed=args.seed, workers=args.workers, device=args.device)
     args.steps_per_epoch = max(1, loader.sampler.batches_per_epoch() // args.accum_steps)
     args.total_steps = int(args.epochs * args.steps_per_epoch)
     max_steps = min(args.total_steps, args.max_steps or args.total_steps)
     args.eval_every = args.eval_every or math.ceil(args.total_steps / 4)
-    knn_sets = [data.build_dataset(args.data, args.data_path, s, data.eval_transform(args.img_size), args.download, args.seed)
-                for s in ('train', 'val')]
+    knn_sets = [data.build_dataset(args.data, args.data_path, s, data.eval_transform(args.img_size), args.download, args.seed,
+                                   args.skip_bad_images) for s in ('train', 'val')]
     knn_loaders = None
     if knn_sets[1] is not None and knn_sets[0].classes:
         knn_loaders = [data.make_loader(s, 256, train=False, workers=args.workers, device=args.device) for s in knn_sets]
@@ -393,11 +460,10 @@ def main(argv=None):
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     # Resume: re-running the same command continues from OUT_DIR/ckpt.pt.
-    os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.jsonl')
     step = 0
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         for key in ('arch', 'width', 'img_size', 'data', 'local_weight', 'proj_dim', 'proj_hidden', 'local_hidden', 'optimizer'):
             if ckpt['args'][key] != getattr(args, key):
                 die(f"{ckpt_path} was written with --{key.replace('_', '-')} {ckpt['args'][key]}; use another --out-dir")
@@ -432,7 +498,16 @@ def main(argv=None):
               f'{args.total_steps} steps ({args.epochs} epochs of {args.steps_per_epoch}), resuming at step {step}')
         print('config: ' + json.dumps(vars(args)))
 
+    saved_step = step  # the last good checkpoint
+
     def checkpoint():
+        nonlocal saved_step
+        if first_bad.item() >= 0:  # never overwrite the last good state with a diverged one
+            die(nonfinite_message(int(first_bad.item()), ('global_loss', 'local_loss'), bad_terms.tolist())
+                + f'; {ckpt_path} (step {saved_step}) is the last good checkpoint', EXIT_NONFINITE)
+        if not torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all():  # diverged, loss not yet
+            die(f'non-finite parameters after step {step}; {ckpt_path} (step {saved_step}) is the last good checkpoint',
+                EXIT_NONFINITE)
         rngs = [None] * world
         if ddp:
             dist.all_gather_object(rngs, rng_state(args.device))
@@ -442,6 +517,7 @@ def main(argv=None):
             save_checkpoint({'backbone': raw.encoder.state_dict(), 'backbone_kind': 'rf_resnet', 'backbone_args': backbone_args(args),
                              'args': vars(args), 'step': step, 'model': raw.state_dict(), 'optimizer': optimizer.state_dict(),
                              'scaler': scaler.state_dict(), 'rng': rngs}, ckpt_path)
+        saved_step = step
 
     def evaluate():
         result = {}
@@ -466,7 +542,8 @@ def main(argv=None):
 
     batches = micro_batches()
     running = torch.zeros(3, device=args.device)  # loss, global, local: summed on device, synced at logging
-    first_bad = torch.full((), -1, device=args.device)  # first step with a non-finite loss, if any
+    first_bad = torch.full((), -1, device=args.device)  # first step with a non-finite loss, if any (checked at logging)
+    bad_terms = torch.zeros(2, device=args.device)  # global and local loss at that step
     pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
     t_log, steps_since_log = time.time(), 0
     model.train()
@@ -481,7 +558,9 @@ def main(argv=None):
                 out = model(views)
             scaler.scale(out['loss'] / args.accum_steps).backward()
             running += torch.stack([out['loss'].detach(), out['global'], out['local']]) / args.accum_steps
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out['loss'].detach()), step, first_bad)
+            new_bad = (first_bad < 0) & ~torch.isfinite(out['loss'].detach())
+            bad_terms = torch.where(new_bad, torch.stack([out['global'], out['local']]).float(), bad_terms)
+            first_bad = torch.where(new_bad, step, first_bad)
         if args.clip_grad:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
@@ -499,7 +578,8 @@ def main(argv=None):
         last = step == max_steps
         if step % args.log_every == 0 or last:
             if first_bad.item() >= 0:
-                die(f'non-finite loss at step {int(first_bad.item())}; {ckpt_path} holds the last good state')
+                die(nonfinite_message(int(first_bad.item()), ('global_loss', 'local_loss'), bad_terms.tolist())
+                    + f'; {ckpt_path} (step {saved_step}) is the last good checkpoint', EXIT_NONFINITE)
             if ddp:
                 dist.all_reduce(running)
                 running /= world
@@ -509,6 +589,12 @@ def main(argv=None):
                       'images_per_s': steps_since_log * args.batch_size / dt}
             if args.local_weight > 0:
                 record['local_loss'] = local_loss
+            if args.skip_bad_images:  # reads of unreadable images so far, all processes (this session)
+                counter = getattr(train_set, 'skipped', None)  # only image folders can hold broken files
+                skipped = torch.tensor(float(counter.value if counter is not None else 0), device=args.device)
+                if ddp:
+                    dist.all_reduce(skipped)
+                record['skipped_images'] = int(skipped.item())
             if master:
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(record) + '\n')
@@ -521,9 +607,24 @@ def main(argv=None):
             if master and result:
                 pbar.write(f"step {step}: k-NN top-1 {result['knn_top1']:.2f}")
         if step % args.ckpt_every == 0 or step % args.eval_every == 0 or last:
-            if first_bad.item() >= 0:
-                die(f'non-finite loss at step {int(first_bad.item())}; {ckpt_path} holds the last good state')
             checkpoint()
+        # Preemption: one process alone checks every step; under DDP the processes agree at log steps.
+        stop = bool(STOP_SIGNALS)
+        if ddp and step % args.log_every == 0:
+            flag = torch.tensor(float(stop), device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = flag.item() > 0
+        elif ddp:
+            stop = False
+        if stop and not last:
+            if saved_step != step:
+                checkpoint()
+            pbar.close()
+            print(f"{', '.join(STOP_SIGNALS) or 'a stop signal (on another process)'} at step {step}: {ckpt_path} written; "
+                  'exiting with status 75, re-run the same command to continue', file=sys.stderr)
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(EXIT_PREEMPTED)
         t_log += time.time() - t_pause
     pbar.close()
     result = evaluate()
@@ -535,7 +636,11 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # what cluster schedulers send before they kill a job
+        signal.signal(sig, request_stop)
     try:
         main()
     except data.DataError as e:
         die(data.error_line(e))
+    except OSError as e:  # writing the log or a figure: disk full, folder removed, ...
+        die(f'{e.__class__.__name__}: {e}', EXIT_DISK)

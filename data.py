@@ -12,7 +12,9 @@ Datasets, augmentations and loaders shared by dilemma.py, co_byol.py and eval_li
   processes, draws exactly the same views.
 """
 import math
+import multiprocessing
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -140,23 +142,41 @@ def load_image(path):
         with open(path, 'rb') as f:
             return Image.open(f).convert('RGB')
     except Exception as e:  # PIL raises many types for broken files; all mean the same here
-        raise DataError(f'cannot read image {path}: {e.__class__.__name__}: {e}') from None
+        reason = f'{e.__class__.__name__}: {e}' if path not in str(e) else e.__class__.__name__
+        raise DataError(f'cannot read image {path}: {reason}') from None
 
 
 class ImageList(Dataset):
-    """Images from a list of (path, label) pairs; label -1 for unlabelled folders."""
+    """Images from a list of (path, label) pairs; label -1 for unlabelled folders. With skip_bad, an
+    unreadable image is replaced by the next readable one (so the epoch keeps its length), named once
+    on stderr per loader process, and counted in `skipped` (shared by the loader's worker processes)."""
 
-    def __init__(self, samples, classes, transform=None):
-        self.samples, self.classes, self.transform = samples, classes, transform
+    def __init__(self, samples, classes, transform=None, skip_bad=False):
+        self.samples, self.classes, self.transform, self.skip_bad = samples, classes, transform, skip_bad
         self.targets = [y for _, y in samples]
+        self.skipped = multiprocessing.Value('q', 0)  # shared memory: workers forked later see the same counter
+        self._named = set()
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        path, y = self.samples[i]
-        img = load_image(path)
-        return (self.transform(img) if self.transform else img), y
+        for j in range(i, i + len(self.samples)):
+            path, _ = self.samples[j % len(self.samples)]
+            try:
+                img = load_image(path)
+                break
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                if path not in self._named:
+                    self._named.add(path)
+                    print(f'warning: skipping {error_line(e)[len("cannot read image "):]}', file=sys.stderr)
+        else:
+            raise DataError(f'no readable image among the {len(self.samples)} files')
+        return (self.transform(img) if self.transform else img), self.samples[j % len(self.samples)][1]
 
 
 def _image_files(root):
@@ -164,7 +184,7 @@ def _image_files(root):
                   for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def image_folder(root, transform=None):
+def image_folder(root, transform=None, skip_bad=False):
     """DIR/<class>/*.jpg -> labelled ImageList; a folder without class subfolders -> unlabelled."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     samples = [(p, y) for y, c in enumerate(classes) for p in _image_files(os.path.join(root, c))]
@@ -172,12 +192,12 @@ def image_folder(root, transform=None):
         classes, samples = [], [(p, -1) for p in _image_files(root)]
     if not samples:
         raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found under {root}')
-    return ImageList(samples, classes, transform)
+    return ImageList(samples, classes, transform, skip_bad)
 
 
-def build_dataset(name, path, split, transform=None, download=False, seed=0):
+def build_dataset(name, path, split, transform=None, download=False, seed=0, skip_bad=False):
     """split: 'pretrain' (what self-supervised training reads), 'train' (labelled, for k-NN and probes)
-    or 'val'. Returns None when the split does not exist (a folder without val/)."""
+    or 'val'. Returns None when the split does not exist (a folder without val/). skip_bad: see ImageList."""
     import torchvision.datasets as tvd
     if name == 'shapes':
         return Shapes('val' if split == 'val' else 'train', transform, seed=seed)
@@ -186,9 +206,9 @@ def build_dataset(name, path, split, transform=None, download=False, seed=0):
             raise DataError(f"--data folder needs --data-path DIR, an existing folder (got '{path}')")
         sub = os.path.join(path, 'train' if split == 'pretrain' else split)
         if os.path.isdir(sub):
-            return image_folder(sub, transform)
+            return image_folder(sub, transform, skip_bad)
         if split == 'pretrain':  # no train/: the folder itself holds the (unlabelled) images
-            return image_folder(path, transform)
+            return image_folder(path, transform, skip_bad)
         return None
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
@@ -214,9 +234,11 @@ def default_img_size(name, path=None):
     if name == 'stl10':
         return 96
     if name == 'folder' and path and os.path.isdir(path):
-        files = _image_files(path)
-        if files:
-            w, h = load_image(files[0]).size
+        for file in _image_files(path)[:100]:  # the first readable one (broken files are reported later)
+            try:
+                w, h = load_image(file).size
+            except DataError:
+                continue
             return min(w, h) if max(w, h) <= 64 else 224
     return 224
 
@@ -332,6 +354,13 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+def _own_process_group(worker_id):
+    """Loader workers leave the job's process group: a SIGTERM / SIGINT sent to the whole group (a
+    scheduler's preemption, Ctrl-C) reaches the training process only, which finishes its step with
+    its workers alive and writes its checkpoint. The loader can still stop them by their pid."""
+    os.setpgrp()
+
+
 def make_loader(dataset, batch_size, train, seed=0, workers=2, device='cpu'):
     """batch_size is per process. Training loaders shuffle and drop the last partial global batch;
     evaluation loaders keep every sample, in order, split r::W across processes."""
@@ -340,6 +369,7 @@ def make_loader(dataset, batch_size, train, seed=0, workers=2, device='cpu'):
         raise DataError(f'the dataset has {len(dataset)} images, fewer than one global batch '
                         f'({batch_size * sampler.world})')
     return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      worker_init_fn=_own_process_group,
                       pin_memory=str(device).startswith('cuda'), persistent_workers=workers > 0,
                       # its own generator, so that starting an epoch never draws from the global RNG
                       generator=torch.Generator())

@@ -1,0 +1,19 @@
+"""Test helper (not a test): run a training script whose process of rank 1 raises at step 2, as when a
+node dies mid-run.   python tests/fail_on_rank1.py dilemma|co_byol ARGS..."""
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+script = importlib.import_module(sys.argv[1])
+lr_at = script.lr_at
+
+
+def failing_lr_at(step, args):
+    if int(os.environ.get('RANK', 0)) == 1 and step == 2:
+        raise RuntimeError('injected failure on rank 1')
+    return lr_at(step, args)
+
+
+script.lr_at = failing_lr_at
+script.main(sys.argv[2:])
