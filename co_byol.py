@@ -58,6 +58,7 @@ parser.add_argument('--download', action='store_true', help='let torchvision dow
 parser.add_argument('--img-size', type=int, default=None, help='default: 32 for shapes/CIFAR, 96 for STL-10, else 224')
 parser.add_argument('--crop-min', type=float, default=None, help='smallest random-resized-crop scale of the two views')
 parser.add_argument('--workers', type=int, default=None, help='data loader processes per training process')
+parser.add_argument('--device-aug', action='store_true', help='keep the uint8 images on --device and augment there in batches (in-memory data)')
 # model
 parser.add_argument('--arch', default=None, help=f'RF-ResNet preset: {", ".join(rf_resnet.PRESETS)}')
 parser.add_argument('--width', type=float, default=None, help='RF-ResNet width multiplier (1 = ResNet-50 widths)')
@@ -437,6 +438,9 @@ def main(argv=None):
     views_tf = data.two_views(args.img_size, args.crop_min)
     train_set = data.build_dataset(args.data, args.data_path, 'pretrain', views_tf, args.download, args.seed, args.skip_bad_images)
     micro_batch = args.batch_size // (world * args.accum_steps)
+    device_views = None  # --device-aug: uint8 images kept on the device, augmented there in batches
+    if args.device_aug:
+        device_views = data.DeviceViews(data.in_memory_images(train_set).to(args.device), train_set.transform.specs)
     loader = data.make_loader(train_set, micro_batch, train=True, seed=args.seed, workers=args.workers, device=args.device)
     args.steps_per_epoch = max(1, loader.sampler.batches_per_epoch() // args.accum_steps)
     args.total_steps = int(args.epochs * args.steps_per_epoch)
@@ -536,8 +540,13 @@ def main(argv=None):
         epoch, start = divmod(step * args.accum_steps, loader.sampler.batches_per_epoch())
         while True:
             loader.sampler.set_epoch(epoch, start)
-            for views, _ in loader:
-                yield [v.to(args.device, non_blocking=True, memory_format=torch.channels_last) for v in views]
+            if device_views is not None:  # the sampler's (index, seed) pairs, augmented on the device
+                for items in loader.batch_sampler:
+                    views = device_views(torch.tensor([i for i, _ in items]), items[0][1])
+                    yield [v.contiguous(memory_format=torch.channels_last) for v in views]
+            else:
+                for views, _ in loader:
+                    yield [v.to(args.device, non_blocking=True, memory_format=torch.channels_last) for v in views]
             epoch, start = epoch + 1, 0
 
     batches = micro_batches()

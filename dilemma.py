@@ -60,6 +60,7 @@ parser.add_argument('--crop-min', type=float, default=None, help='smallest rando
 parser.add_argument('--local-crops', type=int, default=None, help='DINO: number of local crops')
 parser.add_argument('--local-size', type=int, default=None, help='DINO: local crop size in px')
 parser.add_argument('--workers', type=int, default=None, help='data loader processes per training process')
+parser.add_argument('--device-aug', action='store_true', help='keep the uint8 images on --device and augment there in batches (in-memory data)')
 # model
 parser.add_argument('--model', default=None, help=f'ViT preset: {", ".join(vit.PRESETS)}')
 parser.add_argument('--pos-embed', choices=('learned', 'sincos'), default=None)
@@ -684,6 +685,9 @@ def main(argv=None):
     train_set = data.build_dataset(args.data, args.data_path, 'pretrain', views_transform(args), args.download, args.seed,
                                    args.skip_bad_images)
     micro_batch = args.batch_size // (world * args.accum_steps)
+    device_views = None  # --device-aug: uint8 images kept on the device, augmented there in batches
+    if args.device_aug:
+        device_views = data.DeviceViews(data.in_memory_images(train_set).to(args.device), train_set.transform.specs)
     loader = data.make_loader(train_set, micro_batch, train=True, seed=args.seed, workers=args.workers, device=args.device)
     args.steps_per_epoch = max(1, loader.sampler.batches_per_epoch() // args.accum_steps)
     args.total_steps = int(args.epochs * args.steps_per_epoch)
@@ -784,8 +788,12 @@ def main(argv=None):
         epoch, start = divmod(step * args.accum_steps, loader.sampler.batches_per_epoch())
         while True:
             loader.sampler.set_epoch(epoch, start)
-            for views, _ in loader:
-                yield [v.to(args.device, non_blocking=True) for v in views]
+            if device_views is not None:  # the sampler's (index, seed) pairs, augmented on the device
+                for items in loader.batch_sampler:
+                    yield device_views(torch.tensor([i for i, _ in items]), items[0][1])
+            else:
+                for views, _ in loader:
+                    yield [v.to(args.device, non_blocking=True) for v in views]
             epoch, start = epoch + 1, 0
 
     batches = micro_batches()

@@ -137,7 +137,8 @@ def read_log(out):
 
 
 @pytest.mark.parametrize('extra', [['--local-weight', '0.3'], ['--local-weight', '0'],
-                                   ['--local-weight', '0.5', '--local-grid', '2', '--optimizer', 'adamw', '--lr', '1e-3']])
+                                   ['--local-weight', '0.5', '--local-grid', '2', '--optimizer', 'adamw', '--lr', '1e-3'],
+                                   ['--local-weight', '0.3', '--device-aug']])
 def test_a_few_steps_of_training(extra, tmp_path, image_folder):
     out, result = train(tmp_path, 'run', image_folder, '--max-steps', '3', *extra)
     steps = [r for r in read_log(out) if 'loss' in r]

@@ -221,10 +221,11 @@ def test_each_method_runs_a_few_steps(method, on, tmp_path, image_folder):
     assert any(f.startswith('detection_') and f.endswith('.png') for f in os.listdir(out))
 
 
-def test_resume_reaches_the_same_parameters(tmp_path, image_folder):
-    whole, _ = train(tmp_path, 'whole', '--method', 'dino', '--max-steps', '4', '--drop-path', '0.1', folder=image_folder)
-    part, _ = train(tmp_path, 'part', '--method', 'dino', '--max-steps', '2', '--drop-path', '0.1', folder=image_folder)
-    train(tmp_path, 'part', '--method', 'dino', '--max-steps', '4', '--drop-path', '0.1', folder=image_folder)
+@pytest.mark.parametrize('aug', [[], ['--device-aug']])
+def test_resume_reaches_the_same_parameters(aug, tmp_path, image_folder):
+    whole, _ = train(tmp_path, 'whole', '--method', 'dino', '--max-steps', '4', '--drop-path', '0.1', *aug, folder=image_folder)
+    part, _ = train(tmp_path, 'part', '--method', 'dino', '--max-steps', '2', '--drop-path', '0.1', *aug, folder=image_folder)
+    train(tmp_path, 'part', '--method', 'dino', '--max-steps', '4', '--drop-path', '0.1', *aug, folder=image_folder)
     a = torch.load(os.path.join(whole, 'ckpt.pt'), weights_only=False)
     b = torch.load(os.path.join(part, 'ckpt.pt'), weights_only=False)
     assert a['step'] == b['step'] == 4
