@@ -61,7 +61,7 @@ def measure_matmul_peak(device, dtype, n=None):
     n = n or (8192 if device.startswith('cuda') else 2048)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     times = []
-    for _ in range(6):
+    for _ in range(10):
         sync(device)
         t0 = time.perf_counter()
         a @ b
@@ -108,7 +108,7 @@ def dilemma_step(args, method, dense, autocast):
     a.steps_per_epoch, a.total_steps = 100, 1000
     torch.manual_seed(0)
     model = dilemma.build_model(a).to(args.device)
-    optimizer = torch.optim.AdamW(dilemma.param_groups(model), lr=1e-4, fused=args.device.startswith('cuda'))
+    optimizer = torch.optim.AdamW(dilemma.param_groups(model), lr=1e-4, fused=True)
     views = [torch.randn(args.batch_size, 3, s['size'], s['size'], device=args.device)
              for s in dilemma.views_transform(a).specs]
     forward = torch.compile(model) if args.compile else model
@@ -135,7 +135,7 @@ def byol_step(args, local_weight, autocast):
     a.steps_per_epoch, a.total_steps = 100, 1000
     torch.manual_seed(0)
     model = co_byol.CoBYOL(a).to(args.device, memory_format=torch.channels_last)
-    optimizer = co_byol.build_optimizer(model, a, fused=args.device.startswith('cuda'))
+    optimizer = co_byol.build_optimizer(model, a)
     views = [torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device).contiguous(
         memory_format=torch.channels_last) for _ in range(2)]
     forward = torch.compile(model) if args.compile else model
@@ -225,11 +225,11 @@ def main(argv=None):
         row['mfu'] = flops / sec / peak if flops else None
         rows.append(row)
         fmt = lambda v, f: format(v, f) if v is not None else '-'
-        print(f"{method:<16}{model:<18}{drop:>5}{row['ms_per_step']:>10.1f}{row['images_per_s']:>9.1f}{row['peak_mem_mb']:>9.0f}"
+        print(f"{method:<18}{model:<18}{drop:>5}{row['ms_per_step']:>10.1f}{row['images_per_s']:>9.1f}{row['peak_mem_mb']:>9.0f}"
               f"{fmt(row['gflops_per_image'], '10.2f')}{fmt(row['tflops_per_s'], '9.3f')}{fmt(row['mfu'], '7.1%')}")
         return row
 
-    print(f"{'method':<16}{'model':<18}{'drop':>5}{'ms/step':>10}{'img/s':>9}{'mem MB':>9}{'GFLOP/img':>10}{'TFLOP/s':>9}{'MFU':>7}")
+    print(f"{'method':<18}{'model':<18}{'drop':>5}{'ms/step':>10}{'img/s':>9}{'mem MB':>9}{'GFLOP/img':>10}{'TFLOP/s':>9}{'MFU':>7}")
     ratios = {}
     for method in methods:
         if method in dilemma.METHODS:
@@ -258,6 +258,13 @@ def main(argv=None):
         cpu_aug, dev_aug = augmentation_throughput(args)
         ratios['augmentation images/s DataLoader (2 workers)'] = cpu_aug
         ratios[f'augmentation images/s on {args.device}'] = dev_aug
+    peak_end = measure_matmul_peak(args.device, dtype)  # again: the best of both guards against a noisy moment
+    if peak_end > peak:
+        for row in rows:
+            row['mfu'] = row['mfu'] * peak / peak_end if row['mfu'] else None
+        print(f'(matmul peak re-measured at the end: {peak_end / 1e12:.2f} TFLOP/s; the MFU column above used '
+              f'{peak / 1e12:.2f}, the JSON line uses the higher)')
+        peak = peak_end
     for k, v in ratios.items():
         print(f'{k:<48}{v:>10.3f}')
     print(json.dumps({'device': name, 'dtype': args.dtype, 'compile': args.compile, 'matmul_peak_tflops': peak / 1e12,

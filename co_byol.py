@@ -256,7 +256,7 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf, alpha=-group['lr'])
 
 
-def build_optimizer(model, args, fused):
+def build_optimizer(model, args):
     """No weight decay (and no LARS trust ratio) on biases and norms."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
@@ -266,7 +266,7 @@ def build_optimizer(model, args, fused):
         return LARS(groups, lr=args.lr, weight_decay=args.weight_decay, eta=args.lars_eta)
     if args.optimizer == 'sgd':
         return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)  # CUDA and CPU
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,7 +458,7 @@ def main(argv=None):
         for name in CoBYOL.HEADS:
             if getattr(model, name) is not None:
                 setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
-    optimizer = build_optimizer(model, args, fused=device_type == 'cuda')
+    optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'fp16')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()

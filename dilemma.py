@@ -163,8 +163,6 @@ def get_args(argv=None):
         args.img_size = args.img_size or data.default_img_size(args.data, args.data_path)
     except data.DataError as e:
         die(data.error_line(e))
-    except OSError as e:  # writing the log or a figure: disk full, folder removed, ...
-        die(f'{e.__class__.__name__}: {e}', EXIT_DISK)
     for k, v in defaults(args.method, args.img_size).items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -568,8 +566,8 @@ def save_figure(model, images, path, step, drop_ratio, prob, seed=0):
     pad, cell, top = 6, H * S, 44
     fig = Image.new('RGB', (4 * cell + 5 * pad, top + N * (cell + pad) + 26), 'white')
     draw = ImageDraw.Draw(fig)
-    draw.text((pad, 4), f'step {step}: detection accuracy {100 * hits:.1f}% on these tokens'
-              + ('' if enc.detect is not None else ' (DILEMMA off: no detection head)'), fill='black')
+    draw.text((pad, 4), f'step {step}: detection accuracy {100 * hits:.1f}% on these tokens' if enc.detect is not None
+              else f'step {step}: DILEMMA off (no head); red marks only illustrate the task', fill='black')
     for k, title in enumerate(('input', 'student input', 'as positions claim', 'flagged')):
         draw.text((pad + k * (cell + pad), 26), title, fill='black')
     box = lambda t, x0, y0: (x0 + t % (W // P) * P * S, y0 + t // (W // P) * P * S,
@@ -705,7 +703,7 @@ def main(argv=None):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # projector BN over the global batch
     optimizer = torch.optim.AdamW(param_groups(model), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.95) if args.method == 'mae' else (0.9, 0.999),
-                                  fused=device_type == 'cuda')
+                                  fused=True)  # one kernel for all parameters (CUDA, and CPU since torch 2.4)
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'fp16')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
