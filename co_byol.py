@@ -14,7 +14,7 @@ projection of the other view. Local path: every position of F (optionally pooled
 through a local projector and predictor (1x1 convs) and is pulled towards the same target global
 projection of the other view. total = (1 - w) * global + w * local, so w = 0 is plain BYOL.
 
-    python co_byol.py                                 # embedded shapes data, ~10 min on 2 CPU cores
+    python co_byol.py                                 # embedded shapes data, ~11 min on 2 CPU cores
     python co_byol.py --local-weight 0                # plain BYOL, same code path
     torchrun --nproc_per_node=8 co_byol.py --data folder --data-path /imagenet --arch resnet50
 Re-running the same command resumes from OUT_DIR/ckpt.pt (or ckpt_prev.pt if ckpt.pt is unreadable).
@@ -393,11 +393,12 @@ def load_checkpoint(path):
 
 def check_writable(folder):
     """Fail at start, not at the first checkpoint, when the output folder cannot be written."""
+    probe = os.path.join(folder, f'.write_test.{os.getpid()}')  # one per process: DDP ranks check at once
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, '.write_test'), 'w') as f:
+        with open(probe, 'w') as f:
             f.write('ok')
-        os.remove(os.path.join(folder, '.write_test'))
+        os.remove(probe)
     except OSError as e:
         die(f'cannot write to --out-dir {folder}: {e.strerror or e}', EXIT_DISK)
 

@@ -474,8 +474,10 @@ class Method(nn.Module):
 
     def forward(self, views, step):
         loss, det = self.method(views, step)
-        zero = torch.zeros((), device=loss.device)
-        detect, acc = det if det is not None else (zero, zero)
+        if det is None:  # DILEMMA off: the method's loss itself (adding a constant 0 trips torch.compile)
+            zero = torch.zeros_like(loss.detach())
+            return {'loss': loss, 'method': loss.detach(), 'detect': zero, 'det_acc': zero}
+        detect, acc = det
         return {'loss': loss + self.weight * detect, 'method': loss.detach(), 'detect': detect.detach(),
                 'det_acc': acc.detach()}
 
@@ -638,11 +640,12 @@ def load_checkpoint(path):
 
 def check_writable(folder):
     """Fail at start, not at the first checkpoint, when the output folder cannot be written."""
+    probe = os.path.join(folder, f'.write_test.{os.getpid()}')  # one per process: DDP ranks check at once
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, '.write_test'), 'w') as f:
+        with open(probe, 'w') as f:
             f.write('ok')
-        os.remove(os.path.join(folder, '.write_test'))
+        os.remove(probe)
     except OSError as e:
         die(f'cannot write to --out-dir {folder}: {e.strerror or e}', EXIT_DISK)
 

@@ -354,3 +354,21 @@ def test_bad_input_is_one_line_and_exit_2(argv, env, message):
                          timeout=120, cwd=ROOT, env={**os.environ, **env})
     assert run.returncode == 2, run.stderr
     assert run.stderr.count('\n') == 1 and message in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize('on', [True, False])
+def test_compiled_model_trains_with_dilemma_on_and_off(on):
+    """torch.compile of the whole model: the loss keeps its gradient (with DILEMMA off an earlier
+    version added a constant zero, and the compiled loss came back without a grad_fn)."""
+    off = [] if on else ['--dilemma-prob', '0', '--drop-ratio', '0']
+    args = dilemma.get_args(['--method', 'mocov3', '--model', 'vit_micro/4', '--proj-hidden', '32', '--proj-dim', '16',
+                             '--out-dir', '/tmp/unused', *off])
+    args.steps_per_epoch, args.total_steps = 10, 100
+    torch.manual_seed(0)
+    model = dilemma.build_model(args)
+    views = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    out = torch.compile(model)(views, 0)
+    out['loss'].backward()
+    grad = model.method.student.backbone.blocks[0].attn.qkv.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert (out['detect'] > 0) == on
