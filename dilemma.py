@@ -750,11 +750,16 @@ def main(argv=None):
 
     saved_step = step  # the last good checkpoint
 
+    def stop_if_diverged():
+        """Exit 3, naming the step and the loss term, once a loss has gone non-finite (one host sync)."""
+        bad_step = int(first_bad.item())
+        if bad_step >= 0:
+            die(nonfinite_message(bad_step, ('method_loss', 'detect_loss'), bad_terms.tolist())
+                + f'; {ckpt_path} (step {saved_step}) is the last good checkpoint', EXIT_NONFINITE)
+
     def checkpoint():
         nonlocal saved_step
-        if first_bad.item() >= 0:  # never overwrite the last good state with a diverged one
-            die(nonfinite_message(int(first_bad.item()), ('method_loss', 'detect_loss'), bad_terms.tolist())
-                + f'; {ckpt_path} (step {saved_step}) is the last good checkpoint', EXIT_NONFINITE)
+        stop_if_diverged()  # never overwrite the last good state with a diverged one
         if not torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all():  # diverged, loss not yet
             die(f'non-finite parameters after step {step}; {ckpt_path} (step {saved_step}) is the last good checkpoint',
                 EXIT_NONFINITE)
@@ -840,9 +845,7 @@ def main(argv=None):
 
         last = step == max_steps
         if step % args.log_every == 0 or last:
-            if first_bad.item() >= 0:
-                die(nonfinite_message(int(first_bad.item()), ('method_loss', 'detect_loss'), bad_terms.tolist())
-                    + f'; {ckpt_path} (step {saved_step}) is the last good checkpoint', EXIT_NONFINITE)
+            stop_if_diverged()
             if ddp:
                 dist.all_reduce(running)
                 running /= world
