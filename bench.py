@@ -22,7 +22,7 @@ import time
 from contextlib import nullcontext
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 import co_byol
 import data
@@ -39,7 +39,7 @@ parser.add_argument('--batch-size', type=int, default=32)
 parser.add_argument('--steps', type=int, default=5, help='timed steps per row (the median is reported)')
 parser.add_argument('--warmup', type=int, default=2, help='untimed steps first (compilation, allocator)')
 parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-parser.add_argument('--dtype', choices=('bf16', 'fp16', 'fp32'), default='bf16')
+parser.add_argument('--dtype', choices=data.DTYPES, default='auto', help='auto: bf16 where the device computes it natively, else fp16 on GPUs, fp32 on CPUs')
 parser.add_argument('--compile', action='store_true')
 parser.add_argument('--no-compare', action='store_true', help='skip the torchvision ViT and augmentation rows')
 parser.add_argument('--aug-images', type=int, default=1024, help='images per augmentation-throughput measurement')
@@ -79,8 +79,25 @@ def vit_forward_flops(args, batch):
     return batch * (2 * L * 3 * args['patch_size'] ** 2 * D + args['depth'] * per_block)
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# On CPU, SDPA runs aten._scaled_dot_product_flash_attention_for_cpu (and its backward), which the FLOP
+# registry of some torch releases (2.14 and older) does not list: attention would count as zero FLOPs.
+CPU_ATTENTION_FLOPS = {name: formula for name, formula in (('_scaled_dot_product_flash_attention_for_cpu', _cpu_attention_flops),
+                                                 ('_scaled_dot_product_flash_attention_for_cpu_backward',
+                                                  _cpu_attention_backward_flops))
+                       if hasattr(torch.ops.aten, name) and getattr(torch.ops.aten, name) not in flop_registry}
+
+
 def count_flops(fn):
-    with FlopCounterMode(display=False) as counter:
+    custom = {getattr(torch.ops.aten, name): formula for name, formula in CPU_ATTENTION_FLOPS.items()}
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -204,11 +221,12 @@ def main(argv=None):
     if args.model not in vit.PRESETS:
         parser.error(f"unknown model '{args.model}' (choose from {', '.join(vit.PRESETS)})")
     dev_type = 'cuda' if args.device.startswith('cuda') else 'cpu'
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
+    args.dtype, dtype_reason = data.resolve_dtype(args.dtype, args.device)
+    dtype = data.TORCH_DTYPES[args.dtype]
     autocast = torch.autocast(dev_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     peak = measure_matmul_peak(args.device, dtype)
     name = torch.cuda.get_device_name() if dev_type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
-    print(f'{name}, {args.dtype}{", compiled" if args.compile else ""}: matmul peak {peak / 1e12:.2f} TFLOP/s; '
+    print(f'{name}, {args.dtype} ({dtype_reason}){", compiled" if args.compile else ""}: matmul peak {peak / 1e12:.2f} TFLOP/s; '
           f'batch {args.batch_size}, {args.img_size} px, median of {args.steps} steps after {args.warmup}')
 
     rows = []

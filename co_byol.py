@@ -79,7 +79,8 @@ parser.add_argument('--clip-grad', type=float, default=0.0, help='max gradient n
 parser.add_argument('--max-steps', type=int, default=None, help='stop after this many optimizer steps (schedules still span --epochs)')
 # system
 parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-parser.add_argument('--dtype', choices=('bf16', 'fp16', 'fp32'), default='bf16', help='autocast dtype (GradScaler for fp16)')
+parser.add_argument('--dtype', choices=data.DTYPES, default='auto',
+                    help='autocast dtype (GradScaler for fp16); auto: bf16 on Ampere+ GPUs and on CPUs with native bf16, fp16 on older GPUs, else fp32')
 parser.add_argument('--compile', action='store_true', help='torch.compile the model')
 parser.add_argument('--seed', type=int, default=0)
 parser.add_argument('--out-dir', default=None, help='default: out/co_byol (out/byol with --local-weight 0)')
@@ -149,6 +150,7 @@ def get_args(argv=None):
         die(f'--batch-size {args.batch_size} is not divisible by {world} process(es) x {args.accum_steps} accumulation step(s)')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         die('--device cuda but no CUDA device is available (use --device cpu)')
+    args.dtype, args.dtype_reason = data.resolve_dtype(args.dtype, args.device)  # recorded in the checkpoint's args
     args.out_dir = args.out_dir or os.path.join('out', 'co_byol' if args.local_weight > 0 else 'byol')
     return args
 
@@ -461,7 +463,7 @@ def main(argv=None):
                 setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'fp16')
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
+    dtype = data.TORCH_DTYPES[args.dtype]
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     # Resume: re-running the same command continues from OUT_DIR/ckpt.pt.
@@ -497,7 +499,7 @@ def main(argv=None):
         print(f'CO-BYOL (w={args.local_weight}{", plain BYOL" if args.local_weight == 0 else ""}, {n_local} x {n_local} locals) '
               f'on {args.data} at {args.img_size} px, {args.arch} x {args.width} (RF {rf_resnet.receptive_field(backbone_args(args))} px, '
               f'{side} x {side} map), {sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M trainable parameters, '
-              f'{world} process(es) on {args.device}, {args.dtype}')
+              f'{world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')
         print(f'global batch {args.batch_size} ({micro_batch} per process x {world} x {args.accum_steps} accumulation), '
               f'{args.optimizer} lr {args.lr} x {args.batch_size}/256 = {args.lr * args.batch_size / 256:.3g}, '
               f'{args.total_steps} steps ({args.epochs} epochs of {args.steps_per_epoch}), resuming at step {step}')

@@ -90,7 +90,8 @@ parser.add_argument('--clip-grad', type=float, default=None, help='max gradient 
 parser.add_argument('--max-steps', type=int, default=None, help='stop after this many optimizer steps (schedules still span --epochs)')
 # system
 parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-parser.add_argument('--dtype', choices=('bf16', 'fp16', 'fp32'), default='bf16', help='autocast dtype (GradScaler for fp16)')
+parser.add_argument('--dtype', choices=data.DTYPES, default='auto',
+                    help='autocast dtype (GradScaler for fp16); auto: bf16 on Ampere+ GPUs and on CPUs with native bf16, fp16 on older GPUs, else fp32')
 parser.add_argument('--compile', action='store_true', help='torch.compile the model')
 parser.add_argument('--seed', type=int, default=0)
 parser.add_argument('--out-dir', default=None, help='default: out/METHOD (out/METHOD-baseline with DILEMMA off)')
@@ -177,6 +178,7 @@ def get_args(argv=None):
         die(f'--batch-size {args.batch_size} is not divisible by {world} process(es) x {args.accum_steps} accumulation step(s)')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         die('--device cuda but no CUDA device is available (use --device cpu)')
+    args.dtype, args.dtype_reason = data.resolve_dtype(args.dtype, args.device)  # recorded in the checkpoint's args
     dilemma_on = args.dilemma_prob > 0 or (args.drop_ratio > 0 and args.method != 'mae')
     args.out_dir = args.out_dir or os.path.join('out', args.method if dilemma_on else f'{args.method}-baseline')
     return args
@@ -708,7 +710,7 @@ def main(argv=None):
                                   betas=(0.9, 0.95) if args.method == 'mae' else (0.9, 0.999),
                                   fused=True)  # one kernel for all parameters (CUDA, and CPU since torch 2.4)
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'fp16')
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
+    dtype = data.TORCH_DTYPES[args.dtype]
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     # Resume: re-running the same command continues from OUT_DIR/ckpt.pt.
@@ -742,7 +744,7 @@ def main(argv=None):
         settings = {k: v for k, v in vars(args).items()}
         print(f'{args.method} + DILEMMA (p={args.dilemma_prob}, drop={args.drop_ratio}, lambda={args.dilemma_weight}) '
               f'on {args.data} at {args.img_size} px, {args.model}, {sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M '
-              f'trainable parameters, {world} process(es) on {args.device}, {args.dtype}')
+              f'trainable parameters, {world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')
         print(f'global batch {args.batch_size} ({micro_batch} per process x {world} x {args.accum_steps} accumulation), '
               f'lr {args.lr} x {args.batch_size}/256 = {args.lr * args.batch_size / 256:.3g}, '
               f'{args.total_steps} steps ({args.epochs} epochs of {args.steps_per_epoch}), resuming at step {step}')

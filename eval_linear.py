@@ -91,7 +91,7 @@ def gather_in_order(x):
 
 
 @torch.no_grad()
-def extract_features(backbone, kind, loader, device, dtype=torch.bfloat16, pool='cls'):
+def extract_features(backbone, kind, loader, device, dtype=torch.float32, pool='cls'):
     """Features and labels of every image of an evaluation loader: ((N, D) float32, (N,) long), on
     `device`, gathered from all processes."""
     was_training = backbone.training
@@ -252,7 +252,7 @@ def robustness(backbone, kind, classifier, loader, device, dtype, pool, args):
     return results
 
 
-def knn_monitor(backbone, kind, train_loader, val_loader, device, num_classes, dtype=torch.bfloat16):
+def knn_monitor(backbone, kind, train_loader, val_loader, device, num_classes, dtype=torch.float32):
     """What the training scripts call at each evaluation: k-NN top-1 / top-5 on the val split."""
     train_f, train_y = extract_features(backbone, kind, train_loader, device, dtype)
     val_f, val_y = extract_features(backbone, kind, val_loader, device, dtype)
@@ -277,7 +277,7 @@ def get_args(argv=None):
     p.add_argument('--batch-size', type=int, default=256, help='per process, for feature extraction')
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', choices=('bf16', 'fp16', 'fp32'), default='bf16', help='autocast for feature extraction')
+    p.add_argument('--dtype', choices=data.DTYPES, default='auto', help='autocast for feature extraction (auto: bf16 where the device computes it natively, else fp16 on GPUs, fp32 on CPUs); attacks always run in fp32')
     p.add_argument('--k', type=int, default=20)
     p.add_argument('--temperature', type=float, default=0.07)
     p.add_argument('--probe-epochs', type=int, default=100, help='0 skips the linear probe')
@@ -312,6 +312,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         die('--device cuda but no CUDA device is available (use --device cpu)')
+    args.dtype, args.dtype_reason = data.resolve_dtype(args.dtype, args.device)
 
     if args.random_init == bool(args.ckpt):
         die('give either a checkpoint path or --random-init')
@@ -358,7 +359,7 @@ def main(argv=None):
         die(f'{args.data} at {args.data_path} needs labelled train/ and val/ folders for evaluation')
     loaders = [data.make_loader(s, args.batch_size, train=False, workers=args.workers, device=args.device)
                for s in (train_set, val_set)]
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
+    dtype = data.TORCH_DTYPES[args.dtype]
     train_f, train_y = extract_features(backbone, kind, loaders[0], args.device, dtype, args.pool)
     val_f, val_y = extract_features(backbone, kind, loaders[1], args.device, dtype, args.pool)
     t_feat = time.time() - t0
@@ -383,7 +384,7 @@ def main(argv=None):
         print(f'backbone: {kind} {backbone_args} from {source}')
         print(f'data: {args.data} {args.data_path or ""} at {img_size} px: {len(train_set)} train / '
               f'{len(val_set)} val images, {num_classes} classes, {train_f.shape[1]}-d features, '
-              f'{world} process(es), features in {t_feat:.1f} s')
+              f'{world} process(es), features in {t_feat:.1f} s, {args.dtype} ({args.dtype_reason})')
         print(f"{'evaluation':<24}{'top-1':>8}{'top-5':>8}")
         print(f"{f'k-NN (k={args.k}, T={args.temperature})':<24}{results['knn_top1']:>8.2f}{results['knn_top5']:>8.2f}")
         if 'probe_top1' in results:

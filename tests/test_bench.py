@@ -29,6 +29,16 @@ def test_flop_count_of_a_vit_forward_matches_the_analytic_count(model, img_size)
     assert 0.97 * blocks_on_16 <= sparse <= 1.03 * (blocks_on_16 + embed_all), (sparse, blocks_on_16)
 
 
+def test_attention_flops_are_counted_forward_and_backward():
+    """On CPU, SDPA dispatches to an op that some torch releases' FLOP registry lacks: it must not count 0."""
+    b, h, s, d = 2, 3, 17, 16
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    forward = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert forward == 2 * (2 * b * h * s * s * d)  # scores q k^T and the weighted sum of v
+    both = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward())
+    assert both >= 3 * forward  # the backward pass is at least twice the forward's matmuls
+
+
 def test_bench_runs_on_cpu_and_prints_a_table_and_json():
     out = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--device', 'cpu', '--model', 'vit_micro/4',
                           '--img-size', '32', '--batch-size', '8', '--steps', '2', '--warmup', '1', '--width', '0.0625',

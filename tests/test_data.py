@@ -183,3 +183,31 @@ def test_device_views_match_the_dataloader_pipeline_in_distribution():
     for stat in (lambda x: x.mean((0, 3, 4)), lambda x: x.std((0, 3, 4))):  # per view and channel
         torch.testing.assert_close(stat(dev), stat(cpu), atol=0.06, rtol=0.06)
     assert data.in_memory_images(shapes) is shapes.images
+
+
+def test_auto_dtype_is_fp32_without_native_bf16_and_bf16_with_it(monkeypatch):
+    import co_byol
+    import dilemma
+    for native, expected in ((False, 'fp32'), (True, 'bf16')):
+        monkeypatch.setattr(data, 'cpu_has_native_bf16', lambda native=native: native)
+        assert data.resolve_dtype('auto', 'cpu')[0] == expected
+        assert dilemma.get_args([]).dtype == expected  # the default of the training scripts is auto ...
+        assert co_byol.get_args([]).dtype == expected
+        for explicit in ('bf16', 'fp16', 'fp32'):  # ... and an explicit --dtype always wins
+            assert data.resolve_dtype(explicit, 'cpu') == (explicit, 'set by --dtype')
+            assert dilemma.get_args(['--dtype', explicit]).dtype == explicit
+            assert co_byol.get_args(['--dtype', explicit]).dtype == explicit
+
+
+def test_auto_dtype_on_cuda_follows_the_compute_capability(monkeypatch):
+    for capability, expected in (((7, 0), 'fp16'), ((7, 5), 'fp16'), ((8, 0), 'bf16'), ((9, 0), 'bf16')):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None, c=capability: c)
+        assert data.resolve_dtype('auto', 'cuda')[0] == expected
+        assert data.resolve_dtype('fp32', 'cuda')[0] == 'fp32'
+
+
+def test_native_bf16_is_asked_of_pytorch(monkeypatch):
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda v=amx: v, raising=False)
+        assert data.cpu_has_native_bf16() is expected
