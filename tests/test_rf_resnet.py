@@ -1,44 +1,39 @@
-"""RF-ResNet: the analytic receptive field and map size agree with the real network."""
+"""RF-ResNet: the analytic receptive field and map size agree with the real network, every position
+of every stage reaches the output, and bagnet33 computes what BagNet-33's published code computes."""
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rf_resnet import (DEFAULTS, PRESETS, Bottleneck, RFResNet, build_rf_resnet, feature_size,
-                       preset_args, receptive_field)
+import rf_resnet
+from rf_resnet import (DEFAULTS, PRESETS, BasicBlock, Bottleneck, RFResNet, build_rf_resnet, feature_size,
+                       preset_args, receptive_field, stage_liveness)
 
 THIN = 0.0625  # 4 stem channels: the geometry is the same at any width, and it runs fast
 
 # Non-preset geometries that exercise what the presets do not: unpadded imagenet stem + max-pool,
-# several unpadded 3x3 blocks in a row (residual crop of 2 px, no downsample), strided 1x1 blocks,
-# a max-pool after the bagnet stem, unit strides.
+# several unpadded 3x3 blocks in a row (residual crop of 2 px, no downsample), a strided first
+# layer and 1x1 layers between 3x3 ones, a max-pool after the bagnet stem, unit strides, unpadded
+# basic blocks (two cropped convs per block) with the corner crop.
 EXTRA_CONFIGS = {
-    'unpadded_imagenet': dict(stem='imagenet', maxpool=True, padded=False, n3x3=(2, 2, 1, 0)),
+    'unpadded_imagenet': dict(stem='imagenet', maxpool=True, padded=False, n3x3=(2, 2, 1, 0),
+                              strides=(1, 2, 2, 1)),
     'unpadded_small_2x3': dict(stem='small', maxpool=False, padded=False, layers=(2, 3, 2, 2),
-                               n3x3=(2, 3, 2, 0), strides=(1, 2, 2, 2)),
-    'strided_1x1_first': dict(stem='imagenet', maxpool=False, n3x3=(0, 0, 2, 1), strides=(2, 2, 1, 2)),
-    'bagnet_stem_maxpool': dict(stem='bagnet', maxpool=True, padded=True, n3x3=(1, 0, 1, 0)),
+                               n3x3=(2, 3, 2, 0), strides=(1, 2, 2, 1)),
+    'strided_first_layer': dict(stem='imagenet', maxpool=False, n3x3=(1, 0, 2, 1), strides=(2, 1, 1, 2)),
+    'bagnet_stem_maxpool': dict(stem='bagnet', maxpool=True, padded=True, n3x3=(1, 0, 1, 0),
+                                strides=(1, 1, 2, 1)),
+    'unpadded_basic_corner': dict(stem='small', maxpool=False, padded=False, block='basic', crop='corner',
+                                  layers=(2, 2, 2, 2), n3x3=(2, 1, 1, 0), strides=(1, 2, 2, 1)),
 }
 ALL_CONFIGS = {**{name: preset_args(name) for name in PRESETS}, **EXTRA_CONFIGS}
 
 
 def make_gradient_probe(config):
-    """Float64 eval-mode net in which every path from input to output carries a non-zero gradient:
-    all conv weights positive, BN the identity (train-mode BN would couple positions through the
-    batch statistics, and the zero-init last gamma would cut the residual branches), and max-pools
-    replaced by average pools of the same geometry (a max routes its gradient to one input only)."""
-    model = RFResNet(**{**config, 'width': THIN}).double().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.fill_(1.0 / m.weight[0].numel())
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_parameters()  # gamma 1, beta 0, running mean 0 and var 1
-    if isinstance(model.maxpool, nn.MaxPool2d):
-        pool = model.maxpool
-        model.maxpool = nn.AvgPool2d(pool.kernel_size, pool.stride, pool.padding)
-    return model
+    """rf_resnet.gradient_probe: positive weights, identity BN, average pools: every path carries gradient."""
+    return rf_resnet.gradient_probe(config, width=THIN)
 
 
 def touched_extent(grad_map):
@@ -125,8 +120,8 @@ def test_output_shape_and_batch_independence():
     x = torch.randn(3, 3, 64, 64)
     model.train()
     out = model(x)
-    assert feature_size(preset_args('rf67'), 64) == 2  # total stride 32
-    assert out.shape == (3, model.out_dim, 2, 2)
+    assert feature_size(preset_args('rf67'), 64) == 4  # total stride 16: its 1x1 layer4 does not stride
+    assert out.shape == (3, model.out_dim, 4, 4)
     out.mean().backward()  # trainable end to end
     assert model.conv1.weight.grad is not None
     model.eval()
@@ -140,16 +135,21 @@ def test_block_types_follow_n3x3():
     assert kernels == [[3, 3, 1], [3, 3, 1, 1], [3, 1, 1, 1, 1, 1], [1, 1, 1]]
 
 
-def test_unpadded_block_crops_residual_around_the_centre():
-    # A 3x3 valid conv's output i is centred on input i + 1, so the residual must be cropped by one
-    # pixel on each side (BagNet's own code crops the bottom-right instead). With the last BN
-    # gamma at zero (as RFResNet initialises it), the block is exactly relu(cropped input).
-    block = Bottleneck(8, 2, stride=1, kernel_size=3, padded=False).eval()
-    assert block.downsample is None
-    nn.init.zeros_(block.bn3.weight)
-    x = torch.randn(1, 8, 9, 9)
-    with torch.no_grad():
-        torch.testing.assert_close(block(x), torch.relu(x[..., 1:-1, 1:-1]))
+@pytest.mark.parametrize('Block', [Bottleneck, BasicBlock])
+def test_unpadded_block_crops_residual_around_the_centre_or_at_the_corner(Block):
+    # A 3x3 valid conv's output i is centred on input i + 1, so 'centre' crops one pixel on each
+    # side per conv; 'corner' (BagNet's code) keeps the top-left. With the last BN gamma at zero
+    # (as RFResNet initialises it), the block is exactly relu(cropped input).
+    channels = 8 if Block is Bottleneck else 2  # the identity shortcut: out = in channels
+    cut = 1 if Block is Bottleneck else 2  # a basic block has two 3x3 convs
+    for crop, expected in (('centre', lambda x: x[..., cut:-cut, cut:-cut]),
+                           ('corner', lambda x: x[..., :-2 * cut, :-2 * cut])):
+        block = Block(channels, 2, stride=1, kernel_size=3, padded=False, crop=crop).eval()
+        assert block.downsample is None
+        nn.init.zeros_(block.last_bn.weight)
+        x = torch.randn(1, channels, 9, 9)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), torch.relu(expected(x)))
 
 
 def test_state_dict_round_trip_through_json_args():
@@ -189,3 +189,110 @@ def test_bad_arguments_raise_value_error():
         RFResNet(stem='cifar')
     with pytest.raises(ValueError):
         RFResNet(layers=(1, 1, 1, 1), n3x3=(2, 1, 1, 1))
+    with pytest.raises(ValueError, match='no 3x3 block but stride 2'):  # would skip 3 positions in 4
+        RFResNet(n3x3=(2, 2, 1, 0), strides=(1, 2, 2, 2))
+    for bad in (dict(block='wide'), dict(crop='left'), dict(pool='max')):
+        with pytest.raises(ValueError, match='unknown'):
+            RFResNet(**bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Liveness: no position of any stage is computed for nothing
+
+
+def exact_size(config, at_least):
+    """The smallest image size >= at_least at which no strided op drops a last row or column (so the
+    whole map is its valid region): for every strided op, (size + 2 pad - kernel) % stride == 0."""
+    for size in range(at_least, at_least + 512):
+        n, ok = size, True
+        for kernel, stride, pad in rf_resnet._main_path(config):
+            ok = ok and (n + 2 * pad - kernel) % stride == 0
+            n = (n + 2 * pad - kernel) // stride + 1
+        if ok and n >= 2:
+            return size
+    raise AssertionError('no exact size found')
+
+
+@pytest.mark.parametrize('name', list(ALL_CONFIGS))
+def test_every_position_of_every_stage_and_every_pixel_reaches_the_output(name):
+    # The gradient of the output's sum reaches every position of each stage's input (the stem's
+    # output, layer1-3's outputs) and every input pixel. Before layer4 of rf67, rf99 and the small
+    # presets stopped striding, only 25% of layer3's positions (and ~56% of layer2's) did.
+    config = ALL_CONFIGS[name]
+    size = exact_size(config, 64)
+    live = stage_liveness(config, size)
+    assert live == {'image': 1.0, 'layer1': 1.0, 'layer2': 1.0, 'layer3': 1.0, 'layer4': 1.0}, (size, live)
+
+
+def test_a_strided_1x1_layer_would_be_caught_by_the_liveness_measure():
+    # The measure itself: a net built around the constructor's check (a strided 1x1 layer4) has
+    # 1 live layer4-input position in 4.
+    args = preset_args('rf25_small')
+    model = rf_resnet.gradient_probe(args)
+    block = model.layer4[0]
+    block.conv2.stride = block.downsample[0].stride = (2, 2)
+    maps = {}
+    model.layer4.register_forward_pre_hook(lambda m, inputs: maps.setdefault('in', inputs[0]))
+    out = model(torch.ones(1, 3, 32, 32, dtype=torch.float64))
+    grad, = torch.autograd.grad(out.sum(), maps['in'])
+    assert (grad[0].abs().sum(0) > 0).double().mean().item() == 0.25
+
+
+def test_preset_table_reports_full_liveness_for_every_preset():
+    lines = rf_resnet.preset_table().splitlines()
+    assert len(lines) == 1 + len(PRESETS)
+    assert all(line.split()[-1] == '100%' for line in lines[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# bagnet33 is BagNet-33: the published architecture, written out as plain functions
+
+
+def reference_bagnet33(state, x):
+    """BagNet-33's forward (Brendel & Bethge 2019, its published PyTorch model) in eval mode, from
+    a state dict with the same names: stem 1x1 conv, 3x3 valid conv, BN, ReLU; four layers of
+    (3, 4, 6, 3) bottlenecks whose first block has a valid 3x3 middle conv with strides (2, 2, 2, 1)
+    and the others 1x1; when sizes differ, the residual loses its last `diff` rows and columns."""
+    def bn(x, prefix):
+        return F.batch_norm(x, state[prefix + '.running_mean'], state[prefix + '.running_var'],
+                            state[prefix + '.weight'], state[prefix + '.bias'], False, 0.0, 1e-5)
+    x = F.conv2d(F.conv2d(x, state['conv1.weight']), state['conv2.weight'])
+    x = F.relu(bn(x, 'bn1'))
+    for layer, (n_blocks, stride) in enumerate(zip((3, 4, 6, 3), (2, 2, 2, 1)), start=1):
+        for b in range(n_blocks):
+            p = f'layer{layer}.{b}'
+            s = stride if b == 0 else 1
+            out = F.relu(bn(F.conv2d(x, state[p + '.conv1.weight']), p + '.bn1'))
+            out = F.relu(bn(F.conv2d(out, state[p + '.conv2.weight'], stride=s), p + '.bn2'))
+            out = bn(F.conv2d(out, state[p + '.conv3.weight']), p + '.bn3')
+            residual = x
+            if p + '.downsample.0.weight' in state:
+                residual = bn(F.conv2d(x, state[p + '.downsample.0.weight'], stride=s), p + '.downsample.1')
+            if residual.shape[-1] != out.shape[-1]:
+                diff = residual.shape[-1] - out.shape[-1]
+                residual = residual[:, :, :-diff, :-diff]
+            x = F.relu(out + residual)
+    return x
+
+
+def test_bagnet33_matches_the_reference_forward_on_the_same_weights():
+    torch.manual_seed(0)
+    model = build_rf_resnet('bagnet33', width=0.125).double()
+    with torch.no_grad():  # non-trivial weights and BN statistics (the last BN gammas start at zero)
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(t + 0.2 * torch.randn_like(t).abs() if 'running_var' in name else t + 0.2 * torch.randn_like(t))
+    model.eval()
+    state = model.state_dict()
+    kernels = [state[f'layer{i}.{b}.conv2.weight'].shape[-1] for i, n in zip(range(1, 5), (3, 4, 6, 3)) for b in range(n)]
+    assert kernels == [3, 1, 1, 3, 1, 1, 1, 3, 1, 1, 1, 1, 1, 3, 1, 1]  # one 3x3 block leads each layer
+    x = torch.randn(2, 3, 61, 61, dtype=torch.float64)  # an odd size: the crop removes a row at every stride
+    with torch.no_grad():
+        ours, reference = model(x), reference_bagnet33(state, x)
+    torch.testing.assert_close(ours, reference)
+    # The centred variant is a different function on the same weights (it is offered, named as such).
+    centred = build_rf_resnet('bagnet33_centred', width=0.125).double().eval()
+    centred.load_state_dict(state)
+    with torch.no_grad():
+        assert (centred(x) - reference).abs().max() > 1e-3
+    assert model.bn1.momentum == 0.001 and model.layer1[0].bn1.momentum == 0.1  # BagNet's stem BN only
