@@ -5,7 +5,10 @@ backbone, --random-init) on a labelled dataset, without augmentation:
 - weighted k-NN (cosine similarity, k = 20, votes weighted by exp(sim / 0.07), as DINO reports it);
 - a linear probe trained on features extracted once and cached (top-1 and top-5);
 - with --robustness, the top-1 of backbone + trained probe on perturbed validation images: Gaussian
-  noise, occlusion of random square patches, and FGSM / PGD attacks (DESIGN.md section 4).
+  noise, occlusion of random square patches (filled with ImageNet's mean colour), patch shuffling
+  (the image's cells permuted on a grid), internal corruption (the features pooled over a random
+  subset of the feature map's positions), and FGSM / PGD attacks. All of it runs in fp32 (an
+  attack that follows bf16 / fp16 gradients takes wrong signs and overstates robustness).
 
 Features: the ViT's class token (or mean patch token), or the RF-ResNet's average-pooled feature map.
 
@@ -61,13 +64,26 @@ def load_checkpoint(path):
     return backbone, ckpt
 
 
-def features(backbone, kind, images, pool='cls'):
+def features(backbone, kind, images, pool='cls', keep=1.0, generator=None):
     """(N, C, H, W) images -> (N, D) frozen features: the ViT's class token (or the mean of its patch
-    tokens, pool='avg'), or the RF-ResNet's globally average-pooled feature map."""
+    tokens, pool='avg'), or the RF-ResNet's pooled feature map (its average, then its MLP if it has
+    one). keep < 1 (internal corruption): the average runs over a random subset of round(keep * HW)
+    positions of each image's map (at least one), drawn with `generator`; RF-ResNets and pool='avg'."""
     out = backbone(images)
-    if kind == 'vit':
-        return out[:, 0] if pool == 'cls' else out[:, 1:].mean(1)
-    return out.mean((2, 3))
+    if kind == 'vit' and pool == 'cls':
+        if keep < 1:
+            raise ValueError('internal corruption pools over positions: it needs pool="avg" for a ViT')
+        return out[:, 0]
+    tokens = out[:, 1:] if kind == 'vit' else out.flatten(2).transpose(1, 2)  # (N, L, D)
+    if keep < 1:
+        N, L, _ = tokens.shape
+        n_keep = max(1, round(keep * L))
+        pick = torch.rand(N, L, generator=generator, device=tokens.device).argsort(1)[:, :n_keep]
+        tokens = tokens.gather(1, pick[:, :, None].expand(-1, -1, tokens.shape[2]))
+    pooled = tokens.mean(1)
+    if kind == 'rf_resnet' and backbone.mlp is not None:
+        pooled = backbone.mlp(pooled)
+    return pooled
 
 
 def gather_in_order(x):
@@ -191,7 +207,8 @@ def gaussian_noise(x, sigma, generator):
 
 def occlude(x, fraction, grid, generator):
     """Cut each image into grid x grid square cells and grey out round(fraction * grid^2) random ones
-    (value 0 in normalised units: the dataset's mean colour)."""
+    with value 0 in normalised units: ImageNet's mean colour (every dataset here is normalised with
+    ImageNet's mean and std, whatever its own mean)."""
     N, _, H, W = x.shape
     n_cells = round(fraction * grid * grid)
     order = torch.rand(N, grid * grid, generator=generator, device=x.device).argsort(1)
@@ -203,51 +220,81 @@ def occlude(x, fraction, grid, generator):
     return x.masked_fill(mask[:, None], 0.0)
 
 
+def shuffle_patches(x, grid, generator):
+    """Cut each image (N, C, H, W) into grid x grid equal cells (H and W divisible by grid) and put
+    them back in a random order, one permutation per image: the parts stay, their layout is lost.
+    grid 1 is the identity."""
+    N, C, H, W = x.shape
+    h, w = H // grid, W // grid
+    cells = x.reshape(N, C, grid, h, grid, w).permute(0, 2, 4, 1, 3, 5).reshape(N, grid * grid, C, h, w)
+    order = torch.rand(N, grid * grid, generator=generator, device=x.device).argsort(1)
+    cells = cells.gather(1, order[:, :, None, None, None].expand_as(cells))
+    return cells.reshape(N, grid, grid, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(N, C, H, W)
+
+
+def input_gradient(model, pixels, y):
+    """d cross-entropy(model(normalised pixels), y) / d pixels, in fp32 even when called under an
+    autocast region (the caller's bf16 / fp16 would flip the sign of small gradient entries)."""
+    with torch.autocast(pixels.device.type, enabled=False), torch.enable_grad():  # and under no_grad
+        pixels = pixels.detach().float().requires_grad_(True)
+        loss = F.cross_entropy(model(from_pixels(pixels)).float(), y)
+        grad, = torch.autograd.grad(loss, pixels)
+    return grad
+
+
 def attack(model, x, y, eps, steps):
     """L-infinity attack on the cross-entropy of `model` (normalised images -> logits), eps in [0, 1]
-    pixel units. steps = 1: FGSM (one step of eps); more: PGD without random start, step 2.5 eps / steps,
-    each step projected back onto the eps-ball and the valid image. Returns normalised images."""
-    clean = to_pixels(x).detach()
+    pixel units, in fp32. steps = 1: FGSM (one step of eps); more: PGD without random start, step
+    2.5 eps / steps, each step projected back onto the eps-ball and the valid image. Returns
+    normalised images."""
+    clean = to_pixels(x.float()).detach()
     adv, alpha = clean.clone(), eps if steps == 1 else 2.5 * eps / steps
     for _ in range(steps):
-        adv.requires_grad_(True)
-        loss = F.cross_entropy(model(from_pixels(adv)).float(), y)
-        grad, = torch.autograd.grad(loss, adv)
-        adv = adv.detach() + alpha * grad.sign()
+        adv = adv + alpha * input_gradient(model, adv, y).sign()
         adv = torch.minimum(torch.maximum(adv, clean - eps), clean + eps).clamp(0, 1)
     return from_pixels(adv).detach()
 
 
-def robustness(backbone, kind, classifier, loader, device, dtype, pool, args):
-    """Top-1 (%) of backbone + probe on the loader's images under each perturbation of args.
-    Returns {'noise': {sigma: acc}, 'occlusion': {fraction: acc}, 'fgsm': {'k/255': acc}, 'pgd': {...}}."""
+def pools_over_positions(kind, pool):
+    """Whether the features are a pool over positions (so internal corruption applies)."""
+    return kind == 'rf_resnet' or pool == 'avg'
+
+
+def robustness(backbone, kind, classifier, loader, device, pool, args):
+    """Top-1 (%) of backbone + probe on the loader's images under each perturbation of args, in fp32
+    (whatever dtype extracted the probe's training features). Returns {'noise': {sigma: acc},
+    'occlusion': {fraction: acc}, 'shuffle': {grid: acc}, 'internal': {keep: acc} (when the features
+    pool over positions), 'fgsm': {'k/255': acc}, 'pgd': {...}}; strength 0 (grid 1, keep 1) = clean."""
     backbone.eval().requires_grad_(False)
     classifier.requires_grad_(False)
-    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def model(x):
-        with autocast:
-            return classifier(features(backbone, kind, x, pool).float())
-
     rank = data.dist_info()[0]
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
-    tests = ([('noise', s, lambda x, y, s=s: gaussian_noise(x, s, generator)) for s in args.noise_sigmas]
-             + [('occlusion', f, lambda x, y, f=f: occlude(x, f, args.occlusion_grid, generator)) for f in args.occlusion]
-             + [(name, f'{e:g}/255', lambda x, y, e=e, k=k: attack(model, x, y, e / 255, k))
-                for name, k in (('fgsm', 1), ('pgd', args.pgd_steps)) for e in args.attack_eps])
+
+    def model(x, keep=1.0):
+        with torch.autocast(torch.device(device).type, enabled=False):
+            return classifier(features(backbone, kind, x.float(), pool, keep, generator).float())
+
+    # (name, strength, image perturbation, keep fraction of the positions pooled)
+    tests = ([('noise', s, lambda x, y, s=s: gaussian_noise(x, s, generator), 1.0) for s in args.noise_sigmas]
+             + [('occlusion', f, lambda x, y, f=f: occlude(x, f, args.occlusion_grid, generator), 1.0) for f in args.occlusion]
+             + [('shuffle', g, lambda x, y, g=g: shuffle_patches(x, g, generator), 1.0) for g in args.shuffle_grids])
+    if pools_over_positions(kind, pool):
+        tests += [('internal', k, lambda x, y: x, k) for k in args.internal_keep]
+    tests += [(name, f'{e:g}/255', lambda x, y, e=e, k=k: attack(model, x, y, e / 255, k), 1.0)
+              for name, k in (('fgsm', 1), ('pgd', args.pgd_steps)) for e in args.attack_eps]
     correct, total = torch.zeros(len(tests), device=device), torch.zeros((), device=device)
     for images, y in loader:
         x, y = images.to(device, non_blocking=True), y.to(device)
-        for i, (_, _, perturb) in enumerate(tests):
+        for i, (_, _, perturb, keep) in enumerate(tests):
             x_bad = perturb(x, y)
             with torch.no_grad():
-                correct[i] += (model(x_bad).argmax(1) == y).sum()
+                correct[i] += (model(x_bad, keep).argmax(1) == y).sum()
         total += len(y)
     if data.dist_info()[1] > 1:
         dist.all_reduce(correct)
         dist.all_reduce(total)
     results = {}
-    for (name, strength, _), c in zip(tests, (100 * correct / total).tolist()):
+    for (name, strength, _, _), c in zip(tests, (100 * correct / total).tolist()):
         results.setdefault(name, {})[str(strength)] = c
     return results
 
@@ -277,17 +324,19 @@ def get_args(argv=None):
     p.add_argument('--batch-size', type=int, default=256, help='per process, for feature extraction')
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', choices=data.DTYPES, default='auto', help='autocast for feature extraction (auto: bf16 where the device computes it natively, else fp16 on GPUs, fp32 on CPUs); attacks always run in fp32')
+    p.add_argument('--dtype', choices=data.DTYPES, default='auto', help='autocast for feature extraction (auto: bf16 where the device computes it natively, else fp16 on GPUs, fp32 on CPUs); --robustness, attacks included, always runs in fp32')
     p.add_argument('--k', type=int, default=20)
     p.add_argument('--temperature', type=float, default=0.07)
     p.add_argument('--probe-epochs', type=int, default=100, help='0 skips the linear probe')
     p.add_argument('--probe-lr', type=float, default=0.1)
     p.add_argument('--probe-wd', type=float, default=0.0)
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--robustness', action='store_true', help='after the probe: top-1 under noise, occlusion, FGSM and PGD')
+    p.add_argument('--robustness', action='store_true', help='after the probe: top-1 under noise, occlusion, patch shuffling, internal corruption, FGSM and PGD')
     p.add_argument('--noise-sigmas', type=float, nargs='+', default=[0, 0.05, 0.1, 0.2, 0.4], help='Gaussian noise std, [0, 1] pixel units')
     p.add_argument('--occlusion', type=float, nargs='+', default=[0, 0.1, 0.25, 0.5], help='fractions of the image occluded')
-    p.add_argument('--occlusion-grid', type=int, default=8, help='occluded patches are cells of a GRID x GRID partition')
+    p.add_argument('--occlusion-grid', type=int, default=8, help='occluded patches (ImageNet mean colour) are cells of a GRID x GRID partition')
+    p.add_argument('--shuffle-grids', type=int, nargs='+', default=[1, 2, 4, 8], help='patch shuffling: permute the cells of a G x G grid (1 = clean; must divide the image size)')
+    p.add_argument('--internal-keep', type=float, nargs='+', default=[1.0, 0.5, 0.25, 0.1], help='internal corruption: pool the features over this fraction of the feature map\'s positions, drawn at random (1 = clean)')
     p.add_argument('--attack-eps', type=float, nargs='+', default=[1, 2], help='FGSM / PGD L-inf radius, in units of 1/255 of the pixel range')
     p.add_argument('--pgd-steps', type=int, default=5)
     p.add_argument('--robust-images', type=int, default=0, help='evaluate robustness on this many random val images (0 = all)')
@@ -350,6 +399,10 @@ def main(argv=None):
         die('--robustness evaluates the linear probe: it needs --probe-epochs > 0')
     if not all(0 <= f <= 1 for f in args.occlusion) or args.occlusion_grid < 1 or args.pgd_steps < 1:
         die('--occlusion fractions must be in [0, 1], --occlusion-grid and --pgd-steps >= 1')
+    if not all(0 < k <= 1 for k in args.internal_keep):
+        die(f'--internal-keep fractions must be in (0, 1], got {args.internal_keep}')
+    if not all(g >= 1 and img_size % g == 0 for g in args.shuffle_grids):
+        die(f'--shuffle-grids {args.shuffle_grids}: every grid must be >= 1 and divide the image size {img_size}')
     backbone.to(args.device)
 
     tf = data.eval_transform(img_size)
@@ -376,7 +429,7 @@ def main(argv=None):
             pick = torch.randperm(len(val_set), generator=torch.Generator().manual_seed(args.seed))[:args.robust_images]
             robust_set = torch.utils.data.Subset(val_set, pick.sort().values.tolist())
         robust_loader = data.make_loader(robust_set, args.batch_size, train=False, workers=args.workers, device=args.device)
-        results['robustness'] = robustness(backbone, kind, classifier, robust_loader, args.device, dtype, args.pool, args)
+        results['robustness'] = robustness(backbone, kind, classifier, robust_loader, args.device, args.pool, args)
         results['robust_images'] = len(robust_set)
     results['seconds'] = round(time.time() - t0, 1)
 
@@ -390,8 +443,11 @@ def main(argv=None):
         if 'probe_top1' in results:
             print(f"{f'linear probe ({args.probe_epochs} ep)':<24}{results['probe_top1']:>8.2f}{results['probe_top5']:>8.2f}")
         if 'robustness' in results:
-            print(f"robustness: probe top-1 on {results['robust_images']} val images (noise and eps in [0, 1] pixel units)")
+            print(f"robustness: probe top-1 on {results['robust_images']} val images, fp32 (noise and eps in [0, 1] pixel units)")
+            if not pools_over_positions(kind, args.pool):
+                print('(no internal corruption: the class token does not pool over positions; use --pool avg)')
             labels = {'noise': lambda s: f'noise sigma {s}', 'occlusion': lambda s: f'occlusion {float(s):.0%}',
+                      'shuffle': lambda s: f'shuffle {s} x {s}', 'internal': lambda s: f'internal keep {float(s):.0%}',
                       'fgsm': lambda s: f'FGSM eps {s}', 'pgd': lambda s: f'PGD-{args.pgd_steps} eps {s}'}
             for name, accs in results['robustness'].items():
                 for strength, acc in accs.items():

@@ -162,11 +162,13 @@ def test_robustness_accuracy_falls_as_the_noise_grows_on_a_random_init_network()
     (clean, _), probe = eval_linear.linear_probe(train_f, train_y, val_f, val_y, 2, epochs=50)
     assert clean > 95
     args = types.SimpleNamespace(seed=0, noise_sigmas=[0, 0.1, 0.3, 1.0], occlusion=[0, 1.0], occlusion_grid=4,
-                                 attack_eps=[8], pgd_steps=3)
+                                 shuffle_grids=[1, 4], internal_keep=[1.0, 0.25], attack_eps=[0, 8], pgd_steps=3)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(val_x, val_y), batch_size=100)
-    r = eval_linear.robustness(backbone, 'rf_resnet', probe, loader, 'cpu', torch.float32, 'cls', args)
+    r = eval_linear.robustness(backbone, 'rf_resnet', probe, loader, 'cpu', 'cls', args)
     noise = [r['noise'][str(s)] for s in args.noise_sigmas]
     assert noise[0] == clean
+    # strength 0 is the clean image for every row
+    assert r['occlusion']['0'] == r['shuffle']['1'] == r['internal']['1.0'] == r['fgsm']['0/255'] == r['pgd']['0/255'] == clean
     assert noise[0] > noise[1] > noise[2] and noise[3] < 65, noise  # falls with sigma, to near chance
     majority = 100 * max(val_y.float().mean(), 1 - val_y.float().mean())
     assert r['occlusion']['1.0'] <= majority + 1e-4  # a fully grey image carries no class
@@ -179,4 +181,107 @@ def test_robustness_from_the_command_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert 'noise sigma 0.3' in out.stdout and 'PGD-5 eps 1/255' in out.stdout
     result = json.loads(out.stdout.strip().splitlines()[-1])['results']
-    assert set(result['robustness']) == {'noise', 'occlusion', 'fgsm', 'pgd'} and result['robust_images'] == 64
+    assert set(result['robustness']) == {'noise', 'occlusion', 'shuffle', 'internal', 'fgsm', 'pgd'} and result['robust_images'] == 64
+    assert set(result['robustness']['internal']) == {'1.0', '0.5', '0.25', '0.1'} and 'shuffle 8 x 8' in out.stdout
+    bad = run('--random-init', '--arch', 'rf17_small', '--width', '0.125', '--robustness', '--shuffle-grids', '5')
+    assert bad.returncode == 2 and 'divide the image size 32' in bad.stderr and bad.stderr.count('\n') == 1
+
+
+
+def test_shuffle_patches_permutes_the_cells_of_each_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)  # every pixel distinct
+    torch.testing.assert_close(eval_linear.shuffle_patches(x, 1, g), x)
+    out = eval_linear.shuffle_patches(x, 4, g)
+    cells = lambda t: t.reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, -1)  # (N, 16 cells, C*2*2)
+    for i in range(2):  # the same cells, each intact, in a new order
+        before, after = cells(x)[i], cells(out)[i]
+        match = [next(j for j in range(16) if torch.equal(after[k], before[j])) for k in range(16)]
+        assert sorted(match) == list(range(16)) and match != list(range(16))
+
+
+class PositionMap(torch.nn.Module):
+    """A stand-in RF-ResNet whose 4 x 4 map holds, at position p, the one-hot vector e_p (16 channels)."""
+    mlp = None
+
+    def forward(self, x):
+        return torch.eye(16).view(16, 4, 4).expand(len(x), 16, 4, 4)
+
+
+def test_internal_corruption_pools_over_a_random_subset_of_positions():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(5, 3, 32, 32)
+    full = eval_linear.features(PositionMap(), 'rf_resnet', x)
+    torch.testing.assert_close(full, torch.full((5, 16), 1 / 16))
+    part = eval_linear.features(PositionMap(), 'rf_resnet', x, keep=0.25, generator=g)
+    assert ((part == 0) | (part == 0.25)).all() and ((part > 0).sum(1) == 4).all()  # the mean of 4 positions
+    assert len({tuple(row.tolist()) for row in part}) > 1  # a different subset per image
+    one = eval_linear.features(PositionMap(), 'rf_resnet', x, keep=0.01, generator=g)
+    assert ((one > 0).sum(1) == 1).all()  # at least one position
+
+
+def test_fgsm_on_a_linear_model_is_its_closed_form():
+    # logits = W x + b on the normalised image: the pixel gradient of the cross-entropy of class y is
+    # (softmax - onehot(y)) W / std, whose sign for 2 classes is sign(W[1 - y] - W[y]).
+    torch.manual_seed(0)
+    x, y = stripes(6, seed=2)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    eps = 4 / 255
+    W = linear[1].weight.detach()
+    direction = torch.sign(W[1 - y] - W[y]).view(-1, 3, 32, 32)
+    expected = eval_linear.from_pixels((eval_linear.to_pixels(x) + eps * direction).clamp(0, 1))
+    torch.testing.assert_close(eval_linear.attack(linear, x, y, eps, 1), expected, rtol=0, atol=1e-5)
+
+
+def brightness(n, seed):
+    """Class 0: dark grey images, class 1: light grey (+ pixel noise): a linear model separates them
+    by a margin that an L-inf step of 0.25 overturns (every pixel moves past the other class's mean)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    img = (0.4 + 0.2 * y.float())[:, None, None, None] + 0.05 * torch.randn(n, 3, 16, 16, generator=g)
+    return eval_linear.from_pixels(img.clamp(0, 1)), y
+
+
+class MeanBrightness(torch.nn.Module):
+    """Logits (0, 10 * (mean pixel - 0.5)): a linear classifier that separates brightness() with a
+    margin of ~0.1 in mean pixel value, and whose softmax never saturates (no masked gradients)."""
+
+    def forward(self, x):
+        score = 10 * (eval_linear.to_pixels(x).mean((1, 2, 3)) - 0.5)
+        return torch.stack([torch.zeros_like(score), score], 1)
+
+
+def test_fgsm_at_a_large_eps_falls_far_below_clean_where_it_must():
+    # Every pixel moves by 0.25 against its class: the mean crosses 0.5 for every image.
+    val_x, val_y = brightness(200, 1)
+    model = MeanBrightness()
+    accuracy = lambda images: 100 * (model(images).argmax(1) == val_y).float().mean().item()
+    clean = accuracy(val_x)
+    assert clean > 95
+    fooled = accuracy(eval_linear.attack(model, val_x, val_y, 0.25, 1))
+    assert fooled < clean - 80, (clean, fooled)
+    assert accuracy(eval_linear.attack(model, val_x, val_y, 0.0, 1)) == clean  # eps 0: the images as they were
+    small = accuracy(eval_linear.attack(model, val_x, val_y, 0.02, 1))
+    assert small > fooled  # and the damage grows with eps
+
+
+def test_attack_runs_in_fp32_under_autocast():
+    # Called inside a bf16 autocast region (as feature extraction runs), the attack's input gradient
+    # and the adversarial images must be those of fp32: bf16 flips the sign of small entries.
+    import rf_resnet
+    torch.manual_seed(0)
+    backbone = rf_resnet.RFResNet(**rf_resnet.preset_args('rf17_small', width=0.125)).eval()
+    x, y = stripes(16, seed=4)
+    with torch.no_grad():
+        feats = eval_linear.features(backbone, 'rf_resnet', x)
+    _, probe = eval_linear.linear_probe(feats, y, feats, y, 2, epochs=20)
+    model = lambda images: probe(eval_linear.features(backbone, 'rf_resnet', images))
+    pixels = eval_linear.to_pixels(x)
+    p = pixels.clone().requires_grad_(True)
+    reference, = torch.autograd.grad(torch.nn.functional.cross_entropy(model(eval_linear.from_pixels(p)), y), p)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        grad = eval_linear.input_gradient(model, pixels, y)
+        adv = eval_linear.attack(model, x, y, 2 / 255, 3)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(adv, eval_linear.attack(model, x, y, 2 / 255, 3), rtol=0, atol=1e-6)
