@@ -9,10 +9,18 @@ arXiv 2501.02860), on an RF-ResNet whose receptive field is controlled. One file
   4. the training loop    DDP, AMP, LARS, schedules, EMA, k-NN monitor, figure, checkpoint, resume
 
 The encoder returns its pre-pool feature map F (B, C, H, W): one local representation per position.
-Global path (plain BYOL): average-pool F, projector, predictor; pulled towards the EMA target's
-projection of the other view. Local path: every position of F (optionally pooled to n x n) goes
-through a local projector and predictor (1x1 convs) and is pulled towards the same target global
-projection of the other view. total = (1 - w) * global + w * local, so w = 0 is plain BYOL.
+Global path (plain BYOL): average-pool F, then an MLP (the paper's RF-ResNets have one after the
+pooling; --no-pool-mlp removes it), projector, predictor; pulled towards the EMA target's projection
+of the other view. Local path, as the paper's Figure 1 (an online local projector and predictor, and
+an EMA target local projector): every position of F (optionally pooled to n x n) goes through the
+local projector and predictor (1x1 convs), and the local loss is symmetric between the local and the
+global embeddings of the two views [ours: the exact pairing]:
+  - each online local prediction is pulled towards the target GLOBAL projection of the other view;
+  - the online global prediction is pulled towards each target LOCAL projection of the other view;
+each 2 - 2 cos, averaged over positions, the two directions averaged, the two views summed (as BYOL's
+global loss). --local-loss one_way keeps the first direction only.
+total = (1 - w) * global + w * local (--loss-form convex, default), or global + w * local (--loss-form
+sum: the form L_g + w L_l, whose w the paper ablates in 0.2-0.5); either way w = 0 is plain BYOL.
 
     python co_byol.py                                 # embedded shapes data, ~11 min on 2 CPU cores
     python co_byol.py --local-weight 0                # plain BYOL, same code path
@@ -48,7 +56,11 @@ import rf_resnet
 
 parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 # CO-BYOL
-parser.add_argument('--local-weight', type=float, default=0.3, help='w in total = (1 - w) * global + w * local; 0 = plain BYOL')
+parser.add_argument('--local-weight', type=float, default=0.3, help='w of the local loss (see --loss-form); 0 = plain BYOL')
+parser.add_argument('--loss-form', choices=('convex', 'sum'), default='convex', help='convex: (1 - w) global + w local, w in [0, 1); sum: global + w local, w >= 0')
+parser.add_argument('--local-loss', choices=('symmetric', 'one_way'), default='symmetric',
+                    help='symmetric: local predictions -> other view\'s target global projection AND global prediction -> other view\'s target local projections (EMA local projector); one_way: the first only')
+parser.add_argument('--no-pool-mlp', action='store_true', help='no MLP after the average pooling of the encoder (global representation = the mean of the map)')
 parser.add_argument('--local-grid', type=int, default=0, help='adaptive-average-pool the feature map to n x n locals (0 = every position)')
 parser.add_argument('--local-hidden', type=int, default=None, help='hidden channels of the local projector/predictor (default: --proj-hidden)')
 # data
@@ -104,14 +116,14 @@ def die(msg, status=EXIT_BAD_INPUT):
 
 parser.error = die
 
-# Small images (<= 64 px: the shapes data, CIFAR): a thin RF-ResNet with a 3x3 stride-1 stem (4 x 4 locals
-# at 32 px), sized so that one run takes about 10 minutes on 2 CPU cores [ours]. Large images: BYOL's
-# ImageNet recipe (ResNet-50, LARS, lr 0.2 x batch / 256, wd 1.5e-6, batch 4096, tau 0.99 -> 1, 10 warm-up
-# epochs), for the 100 epochs of the CO-BYOL paper's headline result.
+# Small images (<= 64 px: the shapes data, CIFAR): a thin RF-ResNet with a 3x3 stride-1 stem (8 x 8 locals
+# at 32 px), sized for short CPU runs [ours]. Large images: BYOL's own 100-epoch ImageNet configuration
+# (ResNet-50, LARS, lr 0.45 x batch / 256, wd 1e-6, batch 4096, tau 0.99 -> 1, 10 warm-up epochs), for the
+# 100 epochs of the CO-BYOL paper's headline result (BYOL's 1000-epoch run uses lr 0.2, wd 1.5e-6, tau 0.996).
 SMALL = dict(arch='rf25_small', width=0.125, crop_min=0.2, epochs=16, batch_size=128, optimizer='lars', lr=1.0,
              weight_decay=1e-5, warmup_epochs=1, momentum=0.99, proj_hidden=1024, proj_dim=256, workers=2)
-LARGE = dict(arch='resnet50', width=1.0, crop_min=0.08, epochs=100, batch_size=4096, optimizer='lars', lr=0.2,
-             weight_decay=1.5e-6, warmup_epochs=10, momentum=0.99, proj_hidden=4096, proj_dim=256, workers=8)
+LARGE = dict(arch='resnet50', width=1.0, crop_min=0.08, epochs=100, batch_size=4096, optimizer='lars', lr=0.45,
+             weight_decay=1e-6, warmup_epochs=10, momentum=0.99, proj_hidden=4096, proj_dim=256, workers=8)
 
 
 def defaults(img_size):
@@ -122,8 +134,10 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if args.data not in data.DATASETS:
         die(f"unknown dataset '{args.data}' (choose from {', '.join(data.DATASETS)})")
-    if not 0 <= args.local_weight < 1:
-        die(f'--local-weight must be in [0, 1), got {args.local_weight}')
+    if args.loss_form == 'convex' and not 0 <= args.local_weight < 1:
+        die(f'--local-weight must be in [0, 1) with --loss-form convex, got {args.local_weight}')
+    if args.loss_form == 'sum' and not 0 <= args.local_weight:
+        die(f'--local-weight must be >= 0 with --loss-form sum, got {args.local_weight}')
     if args.local_grid < 0:
         die(f'--local-grid must be >= 0, got {args.local_grid}')
     try:
@@ -166,11 +180,19 @@ def byol_loss(p, z):
 
 
 def local_global_loss(p_local, z_global):
-    """CO-BYOL's local loss: p_local (B, d, h, w) local predictions of one view, one per position;
+    """Local -> global: p_local (B, d, h, w) online local predictions of one view, one per position;
     z_global (B, d) target global projections of the OTHER view (no gradient). Every position is
     pulled towards its image's global target: mean over B, h, w of 2 - 2 cos, in fp32; in [0, 4]."""
     p, z = F.normalize(p_local.float(), dim=1), F.normalize(z_global.detach().float(), dim=1)
     return (2 - 2 * torch.einsum('bdhw,bd->bhw', p, z)).mean()
+
+
+def global_local_loss(p_global, z_local):
+    """Global -> local: p_global (B, d) online global predictions of one view; z_local (B, d, h, w)
+    target local projections of the OTHER view (no gradient). The global prediction is pulled towards
+    every local target of its image: mean over B, h, w of 2 - 2 cos, in fp32; in [0, 4]."""
+    p, z = F.normalize(p_global.float(), dim=1), F.normalize(z_local.detach().float(), dim=1)
+    return (2 - 2 * torch.einsum('bd,bdhw->bhw', p, z)).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,49 +211,76 @@ def local_mlp(in_dim, hidden, out_dim):
 
 
 def backbone_args(args):
-    return rf_resnet.preset_args(args.arch, width=args.width)
+    return rf_resnet.preset_args(args.arch, width=args.width, pool='avg' if args.no_pool_mlp else 'avg_mlp')
+
+
+def sync_batchnorm(model):
+    """Every BatchNorm of the model (encoders, heads, the pooling MLP, the targets) computes its
+    statistics over the global batch, as BYOL does (SyncBatchNorm needs CUDA under DDP)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 class CoBYOL(nn.Module):
-    HEADS = ('projector', 'predictor', 'local_projector', 'local_predictor', 'target_projector')
+    HEADS = ('projector', 'predictor', 'local_projector', 'local_predictor', 'target_projector', 'target_local_projector')
 
     def __init__(self, args):
         super().__init__()
-        self.encoder = rf_resnet.RFResNet(**backbone_args(args))
+        self.encoder = rf_resnet.RFResNet(**backbone_args(args))  # with the MLP after average pooling
         D = self.encoder.out_dim
         self.projector = mlp(D, args.proj_hidden, args.proj_dim)
         self.predictor = mlp(args.proj_dim, args.proj_hidden, args.proj_dim)
         self.local_weight, self.local_grid = args.local_weight, args.local_grid
-        self.local_projector = self.local_predictor = None  # w = 0: no local heads, so DDP has no unused parameters
+        self.loss_form, self.symmetric = args.loss_form, args.local_loss == 'symmetric'
+        # w = 0: no local heads, so DDP has no unused parameters
+        self.local_projector = self.local_predictor = self.target_local_projector = None
         if self.local_weight > 0:
             self.local_projector = local_mlp(D, args.local_hidden, args.proj_dim)
             self.local_predictor = local_mlp(args.proj_dim, args.local_hidden, args.proj_dim)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)  # updated by EMA only
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        if self.local_weight > 0 and self.symmetric:
+            self.target_local_projector = copy.deepcopy(self.local_projector).requires_grad_(False)
 
     def ema_pairs(self):
-        return [(self.target_encoder, self.encoder), (self.target_projector, self.projector)]
+        pairs = [(self.target_encoder, self.encoder), (self.target_projector, self.projector)]
+        if self.target_local_projector is not None:
+            pairs.append((self.target_local_projector, self.local_projector))
+        return pairs
+
+    def local_map(self, fmap):
+        """(B, C, H, W) -> (B, C, n, n): the locals (pooled to n x n with --local-grid)."""
+        return F.adaptive_avg_pool2d(fmap, self.local_grid) if self.local_grid else fmap
 
     def local_predictions(self, fmap):
-        """(B, C, H, W) feature map -> (B, d, n, n) local predictions (n = H without --local-grid)."""
-        if self.local_grid:
-            fmap = F.adaptive_avg_pool2d(fmap, self.local_grid)
-        return self.local_predictor(self.local_projector(fmap))
+        """(B, C, H, W) feature map -> (B, d, n, n) online local predictions (n = H without --local-grid)."""
+        return self.local_predictor(self.local_projector(self.local_map(fmap)))
+
+    def combine(self, global_loss, local_loss):
+        if self.loss_form == 'sum':
+            return global_loss + self.local_weight * local_loss
+        return (1 - self.local_weight) * global_loss + self.local_weight * local_loss
 
     def forward(self, views):
         """Two views (B, 3, H, W) -> {'loss', 'global', 'local'} (fp32 scalars; the last two detached).
         Each view goes through the networks on its own, as in BYOL (batch-norm statistics per view)."""
         fmaps = [self.encoder(x) for x in views]  # the local representations
-        preds = [self.predictor(self.projector(f.mean((2, 3)))) for f in fmaps]
+        preds = [self.predictor(self.projector(self.encoder.pooled(f))) for f in fmaps]
         with torch.no_grad():
-            targets = [self.target_projector(self.target_encoder(x).mean((2, 3))) for x in views]
+            target_maps = [self.target_encoder(x) for x in views]
+            targets = [self.target_projector(self.target_encoder.pooled(f)) for f in target_maps]
         global_loss = byol_loss(preds[0], targets[1]) + byol_loss(preds[1], targets[0])  # symmetrised (summed) as BYOL
         if self.local_weight == 0:  # plain BYOL
             return {'loss': global_loss, 'global': global_loss.detach(), 'local': torch.zeros_like(global_loss)}
         local = [self.local_predictions(f) for f in fmaps]
-        local_loss = local_global_loss(local[0], targets[1]) + local_global_loss(local[1], targets[0])
-        loss = (1 - self.local_weight) * global_loss + self.local_weight * local_loss
-        return {'loss': loss, 'global': global_loss.detach(), 'local': local_loss.detach()}
+        to_global = [local_global_loss(local[v], targets[1 - v]) for v in (0, 1)]
+        if self.symmetric:
+            with torch.no_grad():
+                target_local = [self.target_local_projector(self.local_map(f)) for f in target_maps]
+            to_local = [global_local_loss(preds[v], target_local[1 - v]) for v in (0, 1)]
+            local_loss = sum((a + b) / 2 for a, b in zip(to_global, to_local))
+        else:
+            local_loss = sum(to_global)
+        return {'loss': self.combine(global_loss, local_loss), 'global': global_loss.detach(), 'local': local_loss.detach()}
 
 
 class LARS(torch.optim.Optimizer):
@@ -306,8 +355,8 @@ def save_figure(model, images, path, step):
     was_training = model.training
     model.eval()
     fmap = model.encoder(images).float()
-    target = F.normalize(model.target_projector(model.target_encoder(images).float().mean((2, 3))), dim=1)
-    online = F.normalize(model.predictor(model.projector(fmap.mean((2, 3)))), dim=1)
+    target = F.normalize(model.target_projector(model.target_encoder.pooled(model.target_encoder(images).float())), dim=1)
+    online = F.normalize(model.predictor(model.projector(model.encoder.pooled(fmap))), dim=1)
     if model.local_projector is not None:
         local = model.local_predictions(fmap)
     else:
@@ -457,10 +506,8 @@ def main(argv=None):
         figure_images = torch.stack([knn_sets[1][i][0] for i in range(min(6, len(knn_sets[1])))]).to(args.device)
 
     model = CoBYOL(args).to(args.device, memory_format=torch.channels_last)
-    if ddp and device_type == 'cuda':  # heads' BN over the global batch (SyncBatchNorm needs a GPU)
-        for name in CoBYOL.HEADS:
-            if getattr(model, name) is not None:
-                setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
+    if ddp and device_type == 'cuda':  # every BN over the global batch, as BYOL (SyncBatchNorm needs a GPU)
+        model = sync_batchnorm(model)
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'fp16')
     dtype = data.TORCH_DTYPES[args.dtype]
@@ -471,8 +518,9 @@ def main(argv=None):
     step = 0
     ckpt = load_checkpoint(ckpt_path)
     if ckpt is not None:
-        for key in ('arch', 'width', 'img_size', 'data', 'local_weight', 'proj_dim', 'proj_hidden', 'local_hidden', 'optimizer'):
-            if ckpt['args'][key] != getattr(args, key):
+        for key in ('arch', 'width', 'img_size', 'data', 'local_weight', 'proj_dim', 'proj_hidden', 'local_hidden', 'optimizer',
+                    'local_loss', 'no_pool_mlp', 'loss_form'):
+            if ckpt['args'].get(key) != getattr(args, key):
                 die(f"{ckpt_path} was written with --{key.replace('_', '-')} {ckpt['args'][key]}; use another --out-dir")
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -496,7 +544,8 @@ def main(argv=None):
     if master:
         side = rf_resnet.feature_size(backbone_args(args), args.img_size)
         n_local = args.local_grid or side
-        print(f'CO-BYOL (w={args.local_weight}{", plain BYOL" if args.local_weight == 0 else ""}, {n_local} x {n_local} locals) '
+        form = 'plain BYOL' if args.local_weight == 0 else f'{args.local_loss} local loss, {args.loss_form} form'
+        print(f'CO-BYOL (w={args.local_weight}, {form}, {"no " if args.no_pool_mlp else ""}MLP after pooling, {n_local} x {n_local} locals) '
               f'on {args.data} at {args.img_size} px, {args.arch} x {args.width} (RF {rf_resnet.receptive_field(backbone_args(args))} px, '
               f'{side} x {side} map), {sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M trainable parameters, '
               f'{world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')

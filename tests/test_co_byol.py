@@ -1,6 +1,7 @@
-"""co_byol.py: the losses on hand-built inputs, w = 0 is exactly BYOL, the local loss targets the other
-view's global target projection, LARS, the EMA, the training loop (one process, two under torchrun,
-exact resume), and bad input."""
+"""co_byol.py: the losses on hand-built inputs, w = 0 is exactly BYOL, the local loss (symmetric and
+one-way) pairs each view with the other view's targets, the loss forms, the MLP after pooling, LARS,
+the EMA (target local projector included), SyncBatchNorm everywhere, the ImageNet defaults, the
+training loop (one process, two under torchrun, exact resume), and bad input."""
 import json
 import os
 import subprocess
@@ -31,6 +32,18 @@ def test_local_global_loss_on_hand_built_inputs():
     other = z.roll(1, dims=0)[:, :, None, None].expand(3, 8, 4, 4)  # a position is compared with ITS image only
     expected = 2 - 2 * F.cosine_similarity(z.roll(1, dims=0), z, dim=1).mean()
     torch.testing.assert_close(co_byol.local_global_loss(other, z), expected)
+
+
+def test_global_local_loss_on_hand_built_inputs():
+    p = torch.randn(3, 8)
+    same = p[:, :, None, None].expand(3, 8, 4, 4) * 0.5  # every local target = the global prediction (scaled)
+    torch.testing.assert_close(co_byol.global_local_loss(p, same), torch.tensor(0.0), atol=1e-6, rtol=0)
+    half = same.clone()
+    half[:, :, :, :2] *= -1  # half of the local targets opposite
+    torch.testing.assert_close(co_byol.global_local_loss(p, half), torch.tensor(2.0))
+    z = torch.randn(3, 8, 2, 2, requires_grad=True)
+    co_byol.global_local_loss(p.requires_grad_(True), z).backward()
+    assert z.grad is None and p.grad.abs().sum() > 0  # the target side gets no gradient
 
 
 def test_byol_loss_on_hand_built_inputs():
@@ -68,8 +81,9 @@ def test_local_weight_zero_is_exactly_byol():
     x1, x2 = views()
     out = model([x1, x2])
     m = model
-    online = lambda x: m.predictor(m.projector(m.encoder(x).mean((2, 3))))
-    target = lambda x: m.target_projector(m.target_encoder(x).mean((2, 3)))
+    assert m.encoder.mlp is not None  # the MLP after average pooling is on by default
+    online = lambda x: m.predictor(m.projector(m.encoder.mlp(m.encoder(x).mean((2, 3)))))
+    target = lambda x: m.target_projector(m.target_encoder.mlp(m.target_encoder(x).mean((2, 3))))
     expected = regression(online(x1), target(x2)) + regression(online(x2), target(x1))
     torch.testing.assert_close(out['loss'], expected, rtol=1e-5, atol=1e-6)
     assert out['local'] == 0
@@ -77,28 +91,85 @@ def test_local_weight_zero_is_exactly_byol():
     torch.testing.assert_close(tiny_model('--local-weight', '0.3')([x1, x2])['global'], out['loss'].detach())
 
 
+def cos_map(a, b):
+    """cos between (B, d) and (B, d, n, n) along d: (B, n, n)."""
+    return F.cosine_similarity(a[:, :, None, None].expand_as(b), b, dim=1)
+
+
 @pytest.mark.parametrize('grid', [0, 2])
-def test_local_loss_pulls_each_local_prediction_to_the_other_views_global_target(grid):
-    model = tiny_model('--local-weight', '0.4', '--local-grid', str(grid))
+@pytest.mark.parametrize('mode', ['symmetric', 'one_way'])
+def test_local_loss_pairs_each_view_with_the_other_views_targets(grid, mode):
+    model = tiny_model('--local-weight', '0.4', '--local-grid', str(grid), '--local-loss', mode)
+    assert (model.target_local_projector is not None) == (mode == 'symmetric')
     x1, x2 = views()
     out = model([x1, x2])
     m = model
-    target = lambda x: m.target_projector(m.target_encoder(x).mean((2, 3)))
-
-    def local(x):  # every position of the (pooled) map through the local heads: (B, d, n, n)
-        f = m.encoder(x)
-        f = F.adaptive_avg_pool2d(f, grid) if grid else f
-        return m.local_predictor(m.local_projector(f))
-    l1, z2 = local(x1), target(x2)
-    assert l1.shape == (4, 16, grid or 4, grid or 4)
-    cos = F.cosine_similarity(l1, z2[:, :, None, None], dim=1)  # (B, n, n)
-    by_hand = (2 - 2 * cos).mean() + (2 - 2 * F.cosine_similarity(local(x2), target(x1)[:, :, None, None], dim=1)).mean()
+    pool = lambda f: F.adaptive_avg_pool2d(f, grid) if grid else f
+    online = lambda x: m.predictor(m.projector(m.encoder.pooled(m.encoder(x))))
+    target = lambda x: m.target_projector(m.target_encoder.pooled(m.target_encoder(x)))
+    local = lambda x: m.local_predictor(m.local_projector(pool(m.encoder(x))))  # (B, d, n, n)
+    l1 = local(x1)
+    assert l1.shape == (4, 16, grid or 8, grid or 8)  # rf25_small: 8 x 8 locals at 32 px
+    # each online local prediction -> the other view's target global projection
+    to_global = [(2 - 2 * cos_map(target(xo), local(x))).mean() for x, xo in ((x1, x2), (x2, x1))]
+    if mode == 'symmetric':
+        # and the online global prediction -> each target local projection of the other view
+        target_local = lambda x: m.target_local_projector(pool(m.target_encoder(x)))
+        to_local = [(2 - 2 * cos_map(online(x), target_local(xo))).mean() for x, xo in ((x1, x2), (x2, x1))]
+        by_hand = sum((a + b) / 2 for a, b in zip(to_global, to_local))
+    else:
+        by_hand = sum(to_global)
     torch.testing.assert_close(out['local'], by_hand.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out['loss'], 0.6 * out['global'] + 0.4 * out['local'], rtol=1e-6, atol=1e-6)
     out['loss'].backward()
-    for name, p in model.named_parameters():  # everything online learns; the target only by EMA
+    for name, p in model.named_parameters():  # everything online learns; the targets only by EMA
         assert (p.grad is None) == name.startswith('target_'), name
     assert model.local_projector[0].weight.grad.abs().sum() > 0
+
+
+def test_symmetric_local_loss_sends_gradient_to_the_global_predictor():
+    # With w = 1 in the convex form the loss is the local loss alone: only its global -> local
+    # direction (online global prediction vs the other view's target local projections) reaches the
+    # global predictor.
+    for mode, reaches in (('symmetric', True), ('one_way', False)):
+        model = tiny_model('--local-weight', '0.5', '--local-loss', mode)
+        model.local_weight = 1.0
+        model(views())['loss'].backward()
+        grad = model.predictor[0].weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == reaches, mode
+
+
+def test_loss_forms():
+    x = views()
+    convex = tiny_model('--local-weight', '0.25')(x)
+    total = tiny_model('--local-weight', '0.25', '--loss-form', 'sum')(x)  # same seed, same weights
+    torch.testing.assert_close(convex['loss'], 0.75 * convex['global'] + 0.25 * convex['local'])
+    torch.testing.assert_close(total['loss'], total['global'] + 0.25 * total['local'])
+    torch.testing.assert_close(total['local'], convex['local'])
+    assert co_byol.get_args([*TINY, '--loss-form', 'sum', '--local-weight', '2']).local_weight == 2  # w >= 1 allowed
+
+
+def test_no_pool_mlp_is_the_plain_average():
+    model = tiny_model('--no-pool-mlp')
+    assert model.encoder.mlp is None and not any('mlp' in n for n, _ in model.named_parameters())
+    f = torch.randn(2, model.encoder.out_dim, 3, 3)
+    torch.testing.assert_close(model.encoder.pooled(f), f.mean((2, 3)))
+    assert tiny_args('--no-pool-mlp').no_pool_mlp and co_byol.backbone_args(tiny_args('--no-pool-mlp'))['pool'] == 'avg'
+    assert co_byol.backbone_args(tiny_args())['pool'] == 'avg_mlp'
+
+
+def test_sync_batchnorm_covers_every_batchnorm():
+    model = co_byol.sync_batchnorm(tiny_model())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) > 20 and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.encoder.modules())  # the encoder too, as BYOL
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.target_local_projector.modules())
+
+
+def test_large_image_defaults_are_byols_100_epoch_configuration():
+    large = co_byol.defaults(224)
+    assert (large['lr'], large['weight_decay'], large['momentum'], large['epochs']) == (0.45, 1e-6, 0.99, 100)
+    assert large['arch'] == 'resnet50' and large['optimizer'] == 'lars' and large['batch_size'] == 4096
 
 
 def test_lars_scales_each_update_by_the_trust_ratio():
@@ -164,7 +235,7 @@ def test_ema_moves_the_target_towards_the_online_network(tmp_path, image_folder)
     init = co_byol.CoBYOL(args).state_dict()
     moved = 0
     for name, p in co_byol.CoBYOL(args).named_parameters():
-        if name.startswith(('encoder.', 'projector.')):
+        if name.startswith(('encoder.', 'projector.', 'local_projector.')):  # the target local projector too
             expected = 0.9 * init[name] + 0.1 * state[name]  # momentum 0.9 at step 0
             torch.testing.assert_close(state[f'target_{name}'], expected, rtol=1e-5, atol=1e-6)
             moved += not torch.equal(state[name], init[name])
@@ -205,7 +276,9 @@ def test_torchrun_two_processes_complete_a_run(tmp_path, image_folder):
 
 @pytest.mark.parametrize('argv, env, message', [
     (['--local-weight', '1'], {}, '--local-weight must be in [0, 1)'),
-    (['--local-grid', '5'], {}, 'larger than the 4 x 4 feature map'),
+    (['--local-grid', '9'], {}, 'larger than the 8 x 8 feature map'),
+    (['--loss-form', 'sum', '--local-weight', '-1'], {}, 'must be >= 0 with --loss-form sum'),
+    (['--local-loss', 'both'], {}, "invalid choice: 'both'"),
     (['--arch', 'resnet51'], {}, "unknown arch 'resnet51'"),
     (['--arch', 'bagnet33'], {}, 'too small for bagnet33'),
     (['--optimizer', 'lamb'], {}, "invalid choice: 'lamb'"),
