@@ -14,7 +14,7 @@ Features: the ViT's class token (or mean patch token), or the RF-ResNet's averag
 
     python eval_linear.py out/dino/ckpt.pt
     python eval_linear.py out/co_byol/ckpt.pt --robustness
-    python eval_linear.py --random-init --model vit_tiny/4 --data folder --data-path ../shared/data/cifar10-6k
+    python eval_linear.py --random-init --model vit_tiny/4 --data folder --data-path DIR   # DIR/train/<class>, DIR/val/<class>
     python eval_linear.py --random-init --arch rf25_small --width 0.125 --robustness
     torchrun --nproc_per_node=2 eval_linear.py out/dino/ckpt.pt      # feature extraction split over 2
 
