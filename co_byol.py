@@ -27,7 +27,7 @@ sum: the form L_g + w L_l, whose w the paper ablates in 0.2-0.5); either way w =
     torchrun --nproc_per_node=8 co_byol.py --data folder --data-path /imagenet --arch resnet50
 Re-running the same command resumes from OUT_DIR/ckpt.pt (or ckpt_prev.pt if ckpt.pt is unreadable).
 Exit status: 0 done, 2 bad input or data, 3 non-finite loss (the last good checkpoint is kept), 4 a
-checkpoint or log could not be written, 75 stopped by SIGTERM / SIGUSR1 after writing a checkpoint.
+checkpoint or log could not be written, 75 stopped by SIGTERM / SIGUSR1 / Ctrl-C after writing a checkpoint (a second Ctrl-C stops at once).
 """
 import argparse
 import copy
@@ -101,6 +101,7 @@ parser.add_argument('--eval-every', type=int, default=None, help='steps between 
 parser.add_argument('--ckpt-every', type=int, default=200, help='steps between checkpoints')
 parser.add_argument('--skip-bad-images', action='store_true', help='skip unreadable images (named on stderr, counted in the log) instead of stopping')
 parser.add_argument('--dist-timeout', type=float, default=10, help='minutes a process waits for the others before giving up')
+parser.add_argument('--print-config', action='store_true', help='print the settings this command would train with (every default resolved) and exit')
 
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_DISK, EXIT_PREEMPTED = 2, 3, 4, 75
@@ -128,6 +129,16 @@ LARGE = dict(arch='resnet50', width=1.0, crop_min=0.08, epochs=100, batch_size=4
 
 def defaults(img_size):
     return SMALL if img_size <= 64 else LARGE
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults in the help, and the epilog's per-size defaults kept as written."""
+
+
+parser.formatter_class = HelpFormatter
+parser.epilog = ('flags shown as "default: None" take the default for the image size (--print-config shows them all):\n'
+                 + '\n'.join(f'  {name}: ' + ', '.join(f'{k}={v}' for k, v in d.items())
+                              for name, d in (('<= 64 px', SMALL), ('> 64 px', LARGE))))
 
 
 def get_args(argv=None):
@@ -166,6 +177,9 @@ def get_args(argv=None):
         die('--device cuda but no CUDA device is available (use --device cpu)')
     args.dtype, args.dtype_reason = data.resolve_dtype(args.dtype, args.device)  # recorded in the checkpoint's args
     args.out_dir = args.out_dir or os.path.join('out', 'co_byol' if args.local_weight > 0 else 'byol')
+    if args.print_config:
+        print(json.dumps(vars(args), indent=1))
+        sys.exit(0)
     return args
 
 
@@ -454,16 +468,30 @@ def check_writable(folder):
         die(f'cannot write to --out-dir {folder}: {e.strerror or e}', EXIT_DISK)
 
 
-STOP_SIGNALS = []  # names of SIGTERM / SIGUSR1 received: finish the step, checkpoint, exit 75
+STOP_SIGNALS = []  # names of SIGTERM / SIGUSR1 / SIGINT received: finish the step, checkpoint, exit 75
 
 
 def request_stop(signum, frame):
+    if signum == signal.SIGINT and STOP_SIGNALS:  # a second Ctrl-C: stop now, without a checkpoint
+        raise KeyboardInterrupt
     STOP_SIGNALS.append(signal.Signals(signum).name)
 
 
 def nonfinite_message(step, names, values):
     bad = [f'{name} is {v}' for name, v in zip(names, values) if not math.isfinite(v)]
     return f'non-finite loss at step {step} ({", ".join(bad) or "total loss"})'
+
+
+# Flags that do not change what is trained: a run may resume with other values of these.
+RUN_PLUMBING = {'out_dir', 'log_every', 'eval_every', 'ckpt_every', 'workers', 'device', 'dtype', 'dtype_reason', 'compile',
+                'max_steps', 'dist_timeout', 'skip_bad_images', 'download', 'steps_per_epoch', 'total_steps'}
+
+
+def changed_flags(saved, args):
+    """'--flag saved -> now' for every flag that changes the model or the training and differs from the
+    checkpoint's run (flags it did not have count as changed)."""
+    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in vars(args).items()
+            if k not in RUN_PLUMBING and saved.get(k, '(unset)') != v]
 
 
 def rng_state(device):
@@ -518,10 +546,9 @@ def main(argv=None):
     step = 0
     ckpt = load_checkpoint(ckpt_path)
     if ckpt is not None:
-        for key in ('arch', 'width', 'img_size', 'data', 'local_weight', 'proj_dim', 'proj_hidden', 'local_hidden', 'optimizer',
-                    'local_loss', 'no_pool_mlp', 'loss_form'):
-            if ckpt['args'].get(key) != getattr(args, key):
-                die(f"{ckpt_path} was written with --{key.replace('_', '-')} {ckpt['args'][key]}; use another --out-dir")
+        changed = changed_flags(ckpt['args'], args)
+        if changed:  # a run resumes only itself
+            die(f"{ckpt_path} is another run ({', '.join(changed)}): use another --out-dir, or the same flags to resume")
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
@@ -700,7 +727,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # what cluster schedulers send before they kill a job
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # schedulers' warnings before a kill; Ctrl-C
         signal.signal(sig, request_stop)
     try:
         main()

@@ -313,7 +313,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('ckpt', nargs='?', help='ckpt.pt written by dilemma.py or co_byol.py')
     p.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (the floor)')
-    p.add_argument('--model', default='vit_tiny/4', help=f'ViT preset for --random-init: {", ".join(vit.PRESETS)}')
+    p.add_argument('--model', default='vit_mini/4', help=f'ViT preset for --random-init (default: what dilemma.py trains at 32 px): {", ".join(vit.PRESETS)}')
+    p.add_argument('--pos-embed', choices=('learned', 'sincos'), default='sincos', help='ViT positional embedding for --random-init')
     p.add_argument('--arch', default=None, help=f'RF-ResNet preset for --random-init (instead of --model): {", ".join(rf_resnet.PRESETS)}')
     p.add_argument('--width', type=float, default=1.0, help='RF-ResNet width multiplier for --random-init')
     p.add_argument('--data', default=None, help=f'one of {", ".join(data.DATASETS)} (default: the checkpoint\'s, else shapes)')
@@ -382,7 +383,7 @@ def main(argv=None):
         elif args.model not in vit.PRESETS:
             die(f"unknown model '{args.model}' (choose from {', '.join(vit.PRESETS)})")
         else:
-            kind, backbone_args = 'vit', vit.preset_args(args.model, img_size=img)
+            kind, backbone_args = 'vit', vit.preset_args(args.model, img_size=img, pos_embed=args.pos_embed)
             if img % backbone_args['patch_size']:
                 die(f"image size {img} is not divisible by the patch size {backbone_args['patch_size']}")
         backbone, source = build_backbone(kind, backbone_args), 'random init'

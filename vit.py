@@ -35,13 +35,16 @@ def preset_args(name, **overrides):
     return {**PRESETS[name], **overrides}
 
 
-def sincos_pos_embed(dim, grid_h, grid_w):
+def sincos_pos_embed(dim, grid_h, grid_w, span=None):
     """Fixed 2-D sine-cosine embedding (MoCo v3 / MAE): half the channels encode the row, half the
-    column, each with sin and cos at geometric frequencies. Returns (grid_h * grid_w, dim)."""
+    column, each with sin and cos at geometric frequencies. Returns (grid_h * grid_w, dim).
+    Coordinates are 0, 1, ..., grid - 1; with `span` (the model's own grid) a grid of another size is
+    spread over the same range (cell centres), as DINO interpolates learned embeddings for its crops."""
     assert dim % 4 == 0, 'sin-cos positional embedding needs a width divisible by 4'
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                            torch.arange(grid_w, dtype=torch.float64), indexing='ij')
+    coords = [torch.arange(g, dtype=torch.float64) if span is None else (torch.arange(g, dtype=torch.float64) + 0.5) * span / g - 0.5
+              for g in (grid_h, grid_w)]
+    ys, xs = torch.meshgrid(*coords, indexing='ij')
     out_y = ys.reshape(-1, 1) * omega
     out_x = xs.reshape(-1, 1) * omega
     return torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1).float()
@@ -147,7 +150,7 @@ class VisionTransformer(nn.Module):
         if grid_h == grid_w == self.grid:
             return self.pos_embed[0]
         if self.sincos:
-            return sincos_pos_embed(self.embed_dim, grid_h, grid_w).to(self.pos_embed)
+            return sincos_pos_embed(self.embed_dim, grid_h, grid_w, span=self.grid).to(self.pos_embed)
         grid = self.pos_embed.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.float(), size=(grid_h, grid_w), mode='bicubic', align_corners=False)
         return grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)

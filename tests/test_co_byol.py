@@ -291,3 +291,13 @@ def test_bad_input_is_one_line_and_exit_2(argv, env, message):
                          timeout=120, cwd=ROOT, env={**os.environ, **env})
     assert run.returncode == 2, run.stderr
     assert run.stderr.count('\n') == 1 and message in run.stderr, run.stderr
+
+
+def test_a_rerun_with_other_training_flags_stops_instead_of_reusing_the_run(tmp_path, image_folder, capsys):
+    out, _ = train(tmp_path, 'run', image_folder, '--max-steps', '1')
+    for changed, flag in ((['--crop-min', '0.5'], '--crop-min 0.2 -> 0.5'), (['--epochs', '3'], '--epochs 16 -> 3.0')):
+        with pytest.raises(SystemExit) as stop:
+            train(tmp_path, 'run', image_folder, '--max-steps', '2', *changed)
+        assert stop.value.code == 2 and flag in capsys.readouterr().err
+    train(tmp_path, 'run', image_folder, '--max-steps', '2')
+    assert [r['step'] for r in read_log(out) if 'loss' in r] == [1, 2]  # same training flags: it resumes

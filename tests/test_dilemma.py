@@ -1,6 +1,7 @@
-"""dilemma.py: the DILEMMA core (DESIGN.md section 6), the four methods with DILEMMA on and off, the
+"""dilemma.py: the DILEMMA core (corruption, detection, what each pass sees), the four methods with DILEMMA on and off, the
 training loop (resume, two processes), and bad input."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -82,9 +83,9 @@ def test_corrupting_positions_changes_the_encoder_output():
     moved = labels.bool()
     assert (clean[:, 1:][moved] - corrupted[:, 1:][moved]).abs().amax(-1).min() > 1e-3
     torch.manual_seed(5)
-    tokens, keep_out, (loss, acc) = enc(x)  # the encoder draws the same corruption from the same seed
+    tokens, keep_out, (loss, acc, auc) = enc(x)  # the encoder draws the same corruption from the same seed
     torch.testing.assert_close(tokens, corrupted)
-    assert torch.equal(keep_out, keep) and 0 <= acc <= 1 and loss > 0
+    assert torch.equal(keep_out, keep) and 0 <= acc <= 1 and 0 <= auc <= 1 and loss > 0
 
 
 def test_detection_loss_value():
@@ -93,10 +94,42 @@ def test_detection_loss_value():
     torch.nn.init.constant_(head.bias, 2.0)  # every token says "wrong" with logit 2
     tokens = torch.randn(2, 1 + 3, 8)
     labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
-    loss, acc = dilemma.detection_loss(head, tokens, labels)
+    loss, acc, auc = dilemma.detection_loss(head, tokens, labels)
     expected = (3 * F.softplus(torch.tensor(-2.0)) + 3 * F.softplus(torch.tensor(2.0))) / 6
     torch.testing.assert_close(loss, expected)
     assert acc.item() == pytest.approx(0.5)
+
+
+def test_auroc_is_the_probability_that_a_positive_outranks_a_negative():
+    scores, labels = torch.tensor([[0.1, 0.4, 0.35, 0.8]]), torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert dilemma.auroc(scores, labels).item() == pytest.approx(0.75)  # 3 of the 4 (pos, neg) pairs ordered
+    assert dilemma.auroc(-scores, labels).item() == pytest.approx(0.25)
+    assert dilemma.auroc(scores, torch.zeros(1, 4)).item() == 0.5  # one class only: no ranking to measure
+    g = torch.Generator().manual_seed(0)
+    noise, y = torch.randn(20000, generator=g), (torch.rand(20000, generator=g) < 0.2).float()
+    assert dilemma.auroc(noise, y).item() == pytest.approx(0.5, abs=0.02)
+    assert dilemma.base_rate_entropy(0.5) == pytest.approx(math.log(2))
+    assert dilemma.base_rate_entropy(0.2) == pytest.approx(0.5004, abs=1e-4)
+
+
+def test_corrupted_counts_per_image_are_binomial_and_wrong_positions_uniform():
+    """A bug that corrupts all or none of an image's tokens keeps the pooled mean at p but not the
+    per-image distribution: compare the counts with Binomial(K, p) (chi-square, 6 degrees of freedom)."""
+    torch.manual_seed(11)
+    N, L, K, p = 20000, 64, 16, 0.2
+    keep, pos, labels = dilemma.corrupt_positions(N, L, 0.75, p, 'cpu')
+    counts = torch.bincount(labels.sum(1).long(), minlength=K + 1).float()
+    binom = torch.tensor([math.comb(K, k) * p ** k * (1 - p) ** (K - k) for k in range(K + 1)]) * N
+    observed = torch.cat([counts[:6], counts[6:].sum(0, keepdim=True)])  # pool the tail (expected < 5 per cell)
+    expected = torch.cat([binom[:6], binom[6:].sum(0, keepdim=True)])
+    assert ((observed - expected) ** 2 / expected).sum() < 22.5  # chi-square(6) 99.9% quantile
+    # wrong positions: uniform over the 64 locations (sparse case: any dropped location)
+    freq = torch.bincount(pos[labels.bool()], minlength=L).float()
+    assert ((freq - freq.mean()) ** 2 / freq.mean()).sum() < 120  # chi-square(63) 99.9% quantile: 103
+    # dense case: a token's wrong position is uniform over the L - 1 others
+    keep, pos, labels = dilemma.corrupt_positions(4000, 16, 0.0, 1.0, 'cpu')
+    offsets = torch.bincount(((pos - keep) % 16)[labels.bool()], minlength=16).float()
+    assert offsets[0] == 0 and ((offsets[1:] - offsets[1:].mean()) ** 2 / offsets[1:].mean()).sum() < 37.7  # chi2(14)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +246,7 @@ def test_each_method_runs_a_few_steps(method, on, tmp_path, image_folder):
     steps = [r for r in read_log(out) if 'loss' in r]
     assert [r['step'] for r in steps] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r['loss'])) for r in steps)
-    assert all((r['detect_loss'] > 0) == on for r in steps)
+    assert all(('detect_loss' in r and r['detect_loss'] > 0 and 0 <= r['det_auroc'] <= 1) == on for r in steps)
     assert 0 <= result['knn_top1'] <= 100
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert ckpt['step'] == 3 and ckpt['backbone_kind'] == 'vit'
@@ -234,28 +267,30 @@ def test_resume_reaches_the_same_parameters(aug, tmp_path, image_folder):
     assert [r['step'] for r in read_log(part) if 'loss' in r] == [1, 2, 3, 4]
 
 
-def test_detection_loss_falls_well_below_its_start_on_shapes():
-    """With p = 0.5 guessing gives BCE = log 2 = 0.693 whatever the head learns about the base rate;
-    only an encoder that finds the misplaced tokens gets lower. (Without augmentation and with fixed
-    sin-cos positions, so that a tiny model gets there in a few hundred steps.)"""
+def test_detection_learns_under_dino_augmentation_within_a_bounded_number_of_steps():
+    """A later change that breaks learning must fail here: a tiny encoder on the shapes data under DINO's
+    global-crop augmentation (colour jitter, grayscale, solarisation, flips; crops of the whole image)
+    must rank misplaced tokens well above chance (AUROC 0.5) and find information below H(p).
+    Measured: AUROC ~0.70 after 500 steps, ~15 s on 2 CPU cores."""
     torch.manual_seed(0)
-    shapes = data.Shapes('train', n=4096)
-    images = (shapes.images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    shapes = data.Shapes('train', n=2048)
+    views = data.DeviceViews(shapes.images, data.multi_crop(32, 16, 0, global_scale=(1.0, 1.0)).specs[1:2])
     enc = dilemma.DilemmaEncoder(vit.vit('vit_micro/4', pos_embed='sincos'), 0.5, 0.5, 1.0)
-    opt = torch.optim.AdamW(enc.parameters(), lr=2e-3)
-    losses, accs = [], []
-    for step in range(600):
+    opt = torch.optim.AdamW(enc.parameters(), lr=2e-3, weight_decay=0.04)
+    aucs, losses = [], []
+    for step in range(500):
         for group in opt.param_groups:
-            group['lr'] = 2e-3 * min(1.0, (step + 1) / 100)
-        _, _, (loss, acc) = enc(images[torch.randint(0, len(images), (128,))])
+            group['lr'] = 2e-3 * min(1.0, (step + 1) / 50)
+        idx = torch.randint(0, len(shapes.images), (64,), generator=torch.Generator().manual_seed(step))
+        _, _, (loss, _, auc) = enc(views(idx, step)[0])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        aucs.append(auc.item())
         losses.append(loss.item())
-        accs.append(acc.item())
-    start, end = sum(losses[:20]) / 20, sum(losses[-50:]) / 50
-    assert start > 0.68
-    assert end < 0.62 and sum(accs[-50:]) / 50 > 0.62, (end, sum(accs[-50:]) / 50)
+    assert sum(aucs[:20]) / 20 < 0.55  # it starts at chance ...
+    auc, info = sum(aucs[-100:]) / 100, math.log(2) - sum(losses[-100:]) / 100
+    assert auc > 0.6 and info > 0.01, (auc, info)  # ... and learns (100 steps x 2048 tokens: noise ~0.003)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,3 +407,128 @@ def test_compiled_model_trains_with_dilemma_on_and_off(on):
     grad = model.method.student.backbone.blocks[0].attn.qkv.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert (out['detect'] > 0) == on
+
+
+# ---------------------------------------------------------------------------------------------
+# What each pass sees: one sparse corrupted student pass for both losses, dense clean teachers
+
+def record_calls(module):
+    """Wrap module.forward; returns the list of (keep_idx, pos_idx, output) of each call."""
+    calls, forward = [], module.forward
+
+    def wrapped(x, keep_idx=None, pos_idx=None):
+        out = forward(x, keep_idx, pos_idx)
+        calls.append((keep_idx, pos_idx, out))
+        return out
+    module.forward = wrapped
+    return calls
+
+
+@pytest.mark.parametrize('method', dilemma.METHODS)
+def test_the_method_loss_uses_the_sparse_corrupted_pass_and_teachers_see_dense_clean_views(method):
+    torch.manual_seed(0)
+    args = method_args(method, '--dilemma-prob', '0.5')
+    model = dilemma.build_model(args)
+    m = model.method
+    student = record_calls(m.student.backbone)
+    teacher = record_calls(m.teacher) if hasattr(m, 'teacher') else []
+    heads = []  # what the method's head receives: the class tokens of the student pass
+    head = {'mocov3': 'projector', 'simclr': 'projector', 'dino': 'head', 'mae': 'decoder_embed'}[method]
+    getattr(m, head).register_forward_hook(lambda mod, inp, out: heads.append(inp[0]))
+    model(views_for(method), step=0)
+    keep, pos, tokens = student[0]
+    assert keep is not None and keep.shape[1] == round(64 * (1 - args.drop_ratio)) < 64 and (pos != keep).any()  # sparse, corrupted
+    two_views = method in ('mocov3', 'simclr')  # both views in one pass, the head applied to each half
+    used = torch.cat(heads[:2]) if two_views else heads[0]
+    assert torch.equal(used, tokens if method == 'mae' else tokens[:, 0])  # the very same pass
+    if method == 'dino':  # local crops: dense (16 tokens of 16), never corrupted, detection on globals only
+        assert len(student) == 2
+        l_keep, l_pos, _ = student[1]
+        assert l_keep is None and l_pos is None and torch.equal(heads[1], student[1][2][:, 0])
+    else:
+        assert len(student) == 1
+    for t_keep, t_pos, _ in teacher:
+        assert t_keep is None and t_pos is None
+
+
+def test_detection_reads_patch_tokens_with_a_nonzero_head():
+    torch.manual_seed(0)
+    enc = dilemma.DilemmaEncoder(tiny_backbone(), 0.75, 0.5, 1.0)
+    assert enc.detect.weight.abs().sum() > 0  # a zero head would give a constant logit: no ranking to learn
+    tokens, labels = torch.randn(3, 1 + 8, 64), (torch.rand(3, 8) < 0.5).float()
+    loss = dilemma.detection_loss(enc.detect, tokens, labels)[0]
+    other_cls = tokens.clone()
+    other_cls[:, 0] += 10
+    assert torch.equal(dilemma.detection_loss(enc.detect, other_cls, labels)[0], loss)  # class token ignored
+    other_patch = tokens.clone()
+    other_patch[:, 1] += 10
+    assert not torch.equal(dilemma.detection_loss(enc.detect, other_patch, labels)[0], loss)
+
+
+def test_mae_decoder_places_tokens_at_their_true_positions(monkeypatch):
+    torch.manual_seed(0)
+    model = dilemma.build_model(method_args('mae', '--dilemma-prob', '0.5'))
+    m = model.method
+    drawn, decoder_in = [], []
+    corrupt = dilemma.corrupt_positions
+    monkeypatch.setattr(dilemma, 'corrupt_positions', lambda *a: drawn.append(corrupt(*a)) or drawn[-1])
+    m.decoder_blocks[0].register_forward_hook(lambda mod, inp, out: decoder_in.append(inp[0]))
+    embedded = []
+    m.decoder_embed.register_forward_hook(lambda mod, inp, out: embedded.append(out))
+    model(views_for('mae'), step=0)
+    keep, pos, labels = drawn[0]
+    y, full = embedded[0], decoder_in[0][:, 1:] - m.decoder_pos  # decoder input without its positions
+    assert labels.sum() > 0
+    for i in range(len(keep)):
+        torch.testing.assert_close(full[i, keep[i]], y[i, 1:])  # at keep_idx: the token itself
+        moved = labels[i].bool()
+        if moved.any():  # at the wrong position it was told: a mask token, not the token
+            assert not torch.allclose(full[i, pos[i][moved]], y[i, 1:][moved])
+
+
+def test_dino_centre_is_the_ema_of_teacher_outputs_and_is_subtracted_next_call():
+    torch.manual_seed(0)
+    args = method_args('dino', '--dilemma-prob', '0', '--drop-ratio', '0')
+    model = dilemma.build_model(args)
+    m = model.method
+    views = views_for('dino')
+    centre0 = torch.randn_like(m.center)
+    m.center.copy_(centre0)
+    with torch.no_grad():
+        t = m.teacher_head(m.teacher(torch.cat(views[:2]))[:, 0])
+        s = [F.log_softmax(m.head(m.student.backbone(x)[:, 0]) / m.student_temp, -1) for x in views]
+        probs = [F.softmax((tt - centre0) / dilemma.teacher_temp_at(0, args), -1) for tt in t.chunk(2)]
+        expected = sum(-(probs[i] * s[j]).sum(-1).mean() for i in range(2) for j in range(4) if i != j) / 6
+        out = model(views, step=0)
+    torch.testing.assert_close(out['loss'], expected, rtol=1e-5, atol=1e-5)  # the centre given is subtracted
+    torch.testing.assert_close(m.center, 0.9 * centre0 + 0.1 * t.mean(0, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_mocov3_predictor_ends_in_batchnorm():
+    model = dilemma.build_model(method_args('mocov3'))
+    last = model.method.predictor[-1]
+    assert isinstance(last, torch.nn.BatchNorm1d) and not last.affine  # as MoCo v3 builds it for ViTs
+
+
+def test_a_rerun_with_other_training_flags_stops_instead_of_reusing_the_run(tmp_path, image_folder, capsys):
+    out, _ = train(tmp_path, 'run', '--method', 'dino', '--max-steps', '1', folder=image_folder)
+    for changed, flag in ((['--drop-ratio', '0'], '--drop-ratio 0.5 -> 0.0'), (['--crop-min', '0.9'], '--crop-min 0.4 -> 0.9'),
+                          (['--dilemma-prob', '0'], '--dilemma-prob 0.2 -> 0.0')):
+        with pytest.raises(SystemExit) as stop:
+            train(tmp_path, 'run', '--method', 'dino', '--max-steps', '2', *changed, folder=image_folder)
+        assert stop.value.code == 2 and flag in capsys.readouterr().err
+    _, result = train(tmp_path, 'run', '--method', 'dino', '--max-steps', '2', '--log-every', '5', folder=image_folder)
+    assert [r['step'] for r in read_log(out) if 'loss' in r] == [1, 2]  # same training flags: it resumes
+
+
+def test_help_and_print_config_show_the_methods_real_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        dilemma.get_args(['--help'])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert 'dino at <= 64 px:' in text and f"lr={dilemma.METHOD_DEFAULTS['dino'][0]['lr']}" in text
+    with pytest.raises(SystemExit) as done:
+        dilemma.get_args(['--method', 'mocov3', '--print-config'])
+    assert done.value.code == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config['lr'] == dilemma.METHOD_DEFAULTS['mocov3'][0]['lr'] and config['model'] == 'vit_mini/4'

@@ -285,3 +285,9 @@ def test_attack_runs_in_fp32_under_autocast():
     assert grad.dtype == torch.float32
     torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(adv, eval_linear.attack(model, x, y, 2 / 255, 3), rtol=0, atol=1e-6)
+
+
+def test_random_init_floor_is_the_model_dilemma_trains_by_default():
+    import dilemma
+    trained, floor = dilemma.get_args([]), eval_linear.get_args(['--random-init'])
+    assert (floor.model, floor.pos_embed) == (trained.model, trained.pos_embed)

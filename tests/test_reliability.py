@@ -77,18 +77,18 @@ def test_kill_9_and_rerun_ends_identical_to_an_uninterrupted_run(script, folder,
     assert logged_steps(out) == list(range(1, 41))  # the log, too, has every step once
 
 
-@pytest.mark.parametrize('script', SCRIPTS)
-def test_sigterm_writes_a_checkpoint_and_exits_75_and_the_rerun_continues(script, folder, tmp_path):
+@pytest.mark.parametrize('script, sig', [('dilemma', 'SIGTERM'), ('co_byol', 'SIGTERM'), ('dilemma', 'SIGINT')])
+def test_sigterm_writes_a_checkpoint_and_exits_75_and_the_rerun_continues(script, sig, folder, tmp_path):
     out = tmp_path / 'run'
     cmd = command(script, out, folder, '--max-steps', '100000', '--ckpt-every', '100000', '--workers', '2')
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)
     wait_for_step(proc, out, 3)
-    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the whole process group, loader workers included
+    os.killpg(proc.pid, getattr(signal, sig))  # as a scheduler (or Ctrl-C) does: the whole process group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
     stopped = ckpt(out)['step']
-    assert stopped >= 3 and f'SIGTERM at step {stopped}' in err
+    assert stopped >= 3 and f'{sig} at step {stopped}' in err
     assert max(logged_steps(out)) == stopped
     again = run(command(script, out, folder, '--max-steps', str(stopped + 2)))
     assert again.returncode == 0, again.stderr[-2000:]
@@ -184,6 +184,9 @@ def test_unreadable_images_name_the_file_or_are_skipped_and_counted(script, brok
 def test_a_diverging_loss_stops_with_its_step_and_term_and_keeps_the_last_good_checkpoint(script, folder, tmp_path):
     out = tmp_path / 'run'
     assert run(command(script, out, folder, '--max-steps', '2')).returncode == 0
+    state = ckpt(out)
+    state['args']['lr'] = 1e30  # the same run, from here on with an lr that diverges (a run resumes only itself)
+    torch.save(state, out / 'ckpt.pt')
     before = (out / 'ckpt.pt').read_bytes()
     res = run(command(script, out, folder, '--max-steps', '30', '--lr', '1e30'))
     assert res.returncode == 3, res.stderr[-2000:]
@@ -211,3 +214,21 @@ def test_when_one_process_dies_the_other_exits_with_an_error_instead_of_hanging(
     assert time.time() - t0 < 150
     assert procs[1].returncode != 0 and 'injected failure on rank 1' in errs[1]
     assert procs[0].returncode != 0, errs[0][-2000:]
+
+
+def test_sigterm_to_torchrun_reaches_the_worker_which_checkpoints_before_torchrun_exits(folder, tmp_path):
+    """Under torchrun the scheduler's SIGTERM goes to torchrun, which forwards it to the workers and
+    kills them 30 s later; a step plus a checkpoint well inside that leaves a checkpoint to resume from.
+    torchrun exits with its own non-zero status, not the worker's 75."""
+    out = tmp_path / 'run'
+    cmd = command('dilemma', out, folder, '--max-steps', '100000', '--ckpt-every', '100000')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', *cmd[1:]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGTERM)  # to torchrun only, as a scheduler signals the job's main process
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    stopped = ckpt(out)['step']
+    assert stopped >= 3 and f'SIGTERM at step {stopped}' in err
+    again = run(command('dilemma', out, folder, '--max-steps', str(stopped + 1)))
+    assert again.returncode == 0 and f'resuming at step {stopped}' in again.stdout, again.stderr[-2000:]

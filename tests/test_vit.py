@@ -84,6 +84,11 @@ def test_sincos_embedding_is_fixed_and_interpolates():
     assert torch.allclose(rows[0, 1, 16:], rows[0, 2, 16:])  # second half encodes the row only
     assert not torch.allclose(rows[0, 1, :16], rows[0, 2, :16])
     assert m(torch.randn(2, 3, 16, 16)).shape == (2, 1 + 4, 32)  # smaller crops (DINO's local views)
+    # a 2 x 2 crop spans the whole 4 x 4 grid (cell centres 0.5 and 2.5), not its top-left corner
+    half = m.pos_embed_for(2, 2).view(2, 2, 32)
+    assert abs(half[0, 0, 0].item() - math.sin(0.5)) < 1e-6 and abs(half[0, 1, 0].item() - math.sin(2.5)) < 1e-6  # channel 0: sin(x)
+    assert not torch.allclose(half[1, 1], rows[1, 1])
+    torch.testing.assert_close(m.pos_embed_for(4, 4), m.pos_embed[0])
     learned = tiny()
     assert learned.pos_embed_for(2, 2).shape == (4, 32)
     assert learned(torch.randn(2, 3, 16, 16)).shape == (2, 1 + 4, 32)
