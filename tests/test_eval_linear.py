@@ -175,13 +175,15 @@ def test_robustness_accuracy_falls_as_the_noise_grows_on_a_random_init_network()
     assert r['pgd']['8/255'] <= r['fgsm']['8/255'] < clean
 
 
-def test_robustness_from_the_command_line(tmp_path):
-    out = run('--random-init', '--arch', 'rf17_small', '--width', '0.125', '--robustness', '--robust-images', '64',
-              '--noise-sigmas', '0', '0.3', '--probe-epochs', '5', '--workers', '0', '--attack-eps', '1')
+def test_robustness_from_the_command_line(tmp_path, image_folder):
+    # a small image folder, not the 12,000 shapes images: the features of all of them took most of a minute
+    out = run('--random-init', '--arch', 'rf17_small', '--width', '0.125', '--robustness', '--robust-images', '8',
+              '--noise-sigmas', '0', '0.3', '--probe-epochs', '5', '--workers', '0', '--attack-eps', '1',
+              '--data', 'folder', '--data-path', image_folder)
     assert out.returncode == 0, out.stderr
     assert 'noise sigma 0.3' in out.stdout and 'PGD-5 eps 1/255' in out.stdout
     result = json.loads(out.stdout.strip().splitlines()[-1])['results']
-    assert set(result['robustness']) == {'noise', 'occlusion', 'shuffle', 'internal', 'fgsm', 'pgd'} and result['robust_images'] == 64
+    assert set(result['robustness']) == {'noise', 'occlusion', 'shuffle', 'internal', 'fgsm', 'pgd'} and result['robust_images'] == 8
     assert set(result['robustness']['internal']) == {'1.0', '0.5', '0.25', '0.1'} and 'shuffle 8 x 8' in out.stdout
     bad = run('--random-init', '--arch', 'rf17_small', '--width', '0.125', '--robustness', '--shuffle-grids', '5')
     assert bad.returncode == 2 and 'divide the image size 32' in bad.stderr and bad.stderr.count('\n') == 1
