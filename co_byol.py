@@ -22,7 +22,7 @@ global loss). --local-loss one_way keeps the first direction only.
 total = (1 - w) * global + w * local (--loss-form convex, default), or global + w * local (--loss-form
 sum: the form L_g + w L_l, whose w the paper ablates in 0.2-0.5); either way w = 0 is plain BYOL.
 
-    python co_byol.py                                 # embedded shapes data, ~11 min on 2 CPU cores
+    python co_byol.py                                 # embedded shapes data, ~50 min on 2 AVX2 CPU cores (fp32)
     python co_byol.py --local-weight 0                # plain BYOL, same code path
     torchrun --nproc_per_node=8 co_byol.py --data folder --data-path /imagenet --arch resnet50
 Re-running the same command resumes from OUT_DIR/ckpt.pt (or ckpt_prev.pt if ckpt.pt is unreadable).

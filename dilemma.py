@@ -12,7 +12,7 @@ are removed, not masked), and each kept token gets, with probability p, the posi
 another location. A linear head on the output patch tokens detects the misplaced ones (BCE). The same
 sparse, corrupted pass gives the class token for the method's own loss; teachers see dense clean views.
 
-    python dilemma.py --method dino                                  # embedded shapes data, ~10 min on 2 CPU cores
+    python dilemma.py --method dino                                  # embedded shapes data, ~16 min on 2 CPU cores (fp32, AVX2)
     python dilemma.py --method dino --dilemma-prob 0 --drop-ratio 0  # the plain method (MAE: --dilemma-prob 0)
     torchrun --nproc_per_node=8 dilemma.py --method mocov3 --data folder --data-path /imagenet --model vit_small/16
 Re-running the same command resumes from OUT_DIR/ckpt.pt (or ckpt_prev.pt if ckpt.pt is unreadable).
@@ -120,8 +120,9 @@ def die(msg, status=EXIT_BAD_INPUT):
 parser.error = die
 
 
-# Defaults per method, for small images (<= 64 px: the shapes data, CIFAR; sized so that one run takes
-# about 10 minutes on 2 CPU cores) and for large ones (the papers' ViT-S/16 ImageNet recipes). Small
+# Defaults per method, for small images (<= 64 px: the shapes data, CIFAR; sized for CPU runs: DINO took
+# 16.5 min in fp32 on 2 AVX2 cores, the others' step times are in BENCHMARKS.md) and for large ones (the
+# papers' ViT-S/16 ImageNet recipes). Small
 # runs use fixed sin-cos positions for every method: with learned ones the model first has to learn what
 # a position is, and on the shapes data detection then did not start within 1000 steps.
 # Small runs keep half the tokens [ours]: of 64 tokens at 32 px, keeping 16 (drop 0.75) left detection
