@@ -176,9 +176,10 @@ def defaults_epilog():
     return '\n'.join(lines)
 
 
+parser.epilog, parser.formatter_class = defaults_epilog(), HelpFormatter
+
+
 def get_args(argv=None):
-    parser.epilog = defaults_epilog()
-    parser.formatter_class = HelpFormatter
     args = parser.parse_args(argv)
     if args.data not in data.DATASETS:
         die(f"unknown dataset '{args.data}' (choose from {', '.join(data.DATASETS)})")
@@ -914,7 +915,7 @@ def main(argv=None):
             dt = time.time() - t_log
             record = {'step': step, 'loss': loss, 'method_loss': method_loss, 'lr': lr,
                       'images_per_s': steps_since_log * args.batch_size / dt}
-            if args.dilemma_prob > 0:  # detection on the corrupted (for DINO: global) crops
+            if args.dilemma_prob > 0 and args.dilemma_weight > 0:  # the head exists: detection on corrupted (DINO: global) crops
                 record.update(detect_loss=detect, det_acc=acc, det_auroc=auc,
                               det_info=base_rate_entropy(args.dilemma_prob) - detect)  # nats below H(p)
             if args.skip_bad_images:  # reads of unreadable images so far, all processes (this session)

@@ -532,3 +532,8 @@ def test_help_and_print_config_show_the_methods_real_defaults(capsys):
     assert done.value.code == 0
     config = json.loads(capsys.readouterr().out)
     assert config['lr'] == dilemma.METHOD_DEFAULTS['mocov3'][0]['lr'] and config['model'] == 'vit_mini/4'
+
+
+def test_detection_fields_are_logged_only_when_a_head_is_trained(tmp_path, image_folder):
+    out, _ = train(tmp_path, 'w0', '--method', 'simclr', '--max-steps', '2', '--dilemma-weight', '0', folder=image_folder)
+    assert all('det_auroc' not in r and 'detect_loss' not in r for r in read_log(out))  # no head: nothing to report
