@@ -89,10 +89,13 @@ def make_shapes(n, size=32, seed=0):
     at a random position (+-15% of the image), size, rotation, colour (object and background: two
     different palette colours), shading and pixel-noise strength. Vectorised: 10k images in ~2 s.
 
-    Background and object are each lit by a linear gradient of random direction and strength, as light
-    falls on real scenes. Besides realism this gives every patch, background included, a brightness that
-    depends on where it is: a misplaced flat-colour patch could not be told from a correct one, so
-    without shading most of DILEMMA's task is unsolvable on this data (measured: RESULTS.md)."""
+    Background and object are each lit from above (within 30 degrees of vertical, random strength), as
+    daylight falls on real scenes: brighter at the top, darker at the bottom. Besides realism this gives
+    every patch, background included, a brightness that says how high it sits in the scene, a cue that
+    random crops keep (crops rescale but never rotate, as sky stays above ground in natural photos).
+    Without it a misplaced flat-colour patch could not be told from a correct one and DILEMMA's task is
+    unsolvable here under DINO's crops (measured with light from random directions: detection AUROC
+    0.51 vs 0.87 lit from above; RESULTS.md)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % len(SHAPES)
     labels = labels[torch.randperm(n, generator=g)]
@@ -116,9 +119,9 @@ def make_shapes(n, size=32, seed=0):
         bg = torch.randint(0, len(PALETTE), (m,), generator=g)
         fg = (bg + torch.randint(1, len(PALETTE), (m,), generator=g)) % len(PALETTE)  # never the background's
         light = []
-        for _ in range(2):  # background, object: brightness + strength * (position along the light direction)
-            theta = torch.rand(m, 1, 1, generator=g) * 2 * math.pi
-            strength = 0.1 + 0.15 * torch.rand(m, 1, 1, generator=g)
+        for _ in range(2):  # background, object: brightness - strength * (height along the light direction)
+            theta = -math.pi / 2 + (torch.rand(m, 1, 1, generator=g) - 0.5) * math.pi / 3  # -pi/2: from the top
+            strength = 0.15 + 0.2 * torch.rand(m, 1, 1, generator=g)
             light.append((strength * (gx * torch.cos(theta) + gy * torch.sin(theta)))[:, None])
         img = torch.where(mask[:, None], PALETTE[fg][:, :, None, None] + light[1], PALETTE[bg][:, :, None, None] + light[0])
         img = torch.nn.functional.avg_pool2d(img, 2)
