@@ -15,6 +15,7 @@ against dense (compare with the FLOP ratio); (3) CO-BYOL against BYOL on the sam
 <= 1.3); and augmentation throughput of the DataLoader path against --device-aug.
 """
 import argparse
+import itertools
 import json
 import math
 import resource
@@ -26,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backwa
 
 import co_byol
 import data
+import device_aug
 import dilemma
 import vit
 
@@ -116,57 +118,42 @@ def time_steps(step_fn, device, warmup, steps):
 
 
 def dilemma_step(args, method, dense, autocast):
-    """A full DILEMMA training step of `method` on synthetic views; dense = DILEMMA off."""
+    """One training step of `method` (dilemma.train_step, as the run does it: clip, step, EMA) on
+    synthetic views; dense = DILEMMA off."""
     argv = ['--method', method, '--model', args.model, '--img-size', str(args.img_size), '--device', args.device,
-            '--batch-size', str(args.batch_size), '--out-dir', '/tmp/bench-unused']
+            '--batch-size', str(args.batch_size), '--dtype', args.dtype, '--out-dir', '/tmp/bench-unused']
     if dense:
         argv += ['--dilemma-prob', '0'] + ([] if method == 'mae' else ['--drop-ratio', '0'])
     a = dilemma.get_args(argv)
-    a.steps_per_epoch, a.total_steps = 100, 1000
     torch.manual_seed(0)
     model = dilemma.build_model(a).to(args.device)
     optimizer = torch.optim.AdamW(dilemma.param_groups(model), lr=1e-4, fused=True)
+    scaler = torch.amp.GradScaler(args.device.split(':')[0], enabled=a.dtype == 'fp16')
     views = [torch.randn(args.batch_size, 3, s['size'], s['size'], device=args.device)
              for s in dilemma.views_transform(a).specs]
     forward = torch.compile(model) if args.compile else model
-
-    def step():
-        with autocast:
-            loss = forward(views, 10)['loss']
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if hasattr(model.method, 'ema_pairs'):
-            with torch.no_grad():
-                for teacher, student in model.method.ema_pairs():
-                    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 0.01)
-    return step, a
+    sched = dilemma.schedule(10, 1000, 100, a)
+    batches = itertools.repeat(views)
+    return lambda: dilemma.train_step(forward, batches, optimizer, scaler, autocast, sched, a), a
 
 
 def byol_step(args, local_weight, autocast):
+    """One co_byol.train_step (BYOL when local_weight = 0) on synthetic views."""
     small = args.img_size <= 64
     argv = ['--local-weight', str(local_weight), '--img-size', str(args.img_size), '--device', args.device,
             '--batch-size', str(args.batch_size), '--arch', args.arch or ('rf25_small' if small else 'resnet50'),
-            '--width', str(args.width or (0.125 if small else 1.0)), '--out-dir', '/tmp/bench-unused']
+            '--width', str(args.width or (0.125 if small else 1.0)), '--dtype', args.dtype, '--out-dir', '/tmp/bench-unused']
     a = co_byol.get_args(argv)
-    a.steps_per_epoch, a.total_steps = 100, 1000
     torch.manual_seed(0)
     model = co_byol.CoBYOL(a).to(args.device, memory_format=torch.channels_last)
     optimizer = co_byol.build_optimizer(model, a)
+    scaler = torch.amp.GradScaler(args.device.split(':')[0], enabled=a.dtype == 'fp16')
     views = [torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device).contiguous(
         memory_format=torch.channels_last) for _ in range(2)]
     forward = torch.compile(model) if args.compile else model
-
-    def step():
-        with autocast:
-            loss = forward(views)['loss']
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for target, online in model.ema_pairs():
-                torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 0.01)
-    return step, a
+    sched = co_byol.schedule(10, 1000, 100, a)
+    batches = itertools.repeat(views)
+    return lambda: co_byol.train_step(forward, batches, optimizer, scaler, autocast, sched, a), a
 
 
 def vit_pair(args, autocast):
@@ -201,7 +188,7 @@ def augmentation_throughput(args):
     t0 = time.perf_counter()
     n = sum(len(views[0]) for views, _ in loader)
     cpu = n / (time.perf_counter() - t0)
-    device_views = data.DeviceViews(shapes.images.to(args.device), tf.specs)
+    device_views = device_aug.DeviceViews(shapes.images.to(args.device), tf.specs)
     index = torch.arange(args.aug_images)
     device_views(index[:64], 0)
     sync(args.device)

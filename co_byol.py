@@ -34,11 +34,9 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,6 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
+import device_aug
 import eval_linear
 import rf_resnet
 
@@ -90,21 +89,10 @@ parser.add_argument('--lars-eta', type=float, default=0.001, help='LARS trust co
 parser.add_argument('--clip-grad', type=float, default=0.0, help='max gradient norm (0 = off, as BYOL)')
 parser.add_argument('--max-steps', type=int, default=None, help='stop after this many optimizer steps (schedules still span --epochs)')
 # system
-parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-parser.add_argument('--dtype', choices=data.DTYPES, default='auto',
-                    help='autocast dtype (GradScaler for fp16); auto: bf16 on Ampere+ GPUs and on CPUs with native bf16, fp16 on older GPUs, else fp32')
-parser.add_argument('--compile', action='store_true', help='torch.compile the model')
-parser.add_argument('--seed', type=int, default=0)
-parser.add_argument('--out-dir', default=None, help='default: out/co_byol (out/byol with --local-weight 0)')
-parser.add_argument('--log-every', type=int, default=20, help='steps between log.jsonl lines')
-parser.add_argument('--eval-every', type=int, default=None, help='steps between k-NN + figure + checkpoint (default: 4 per run)')
-parser.add_argument('--ckpt-every', type=int, default=200, help='steps between checkpoints')
-parser.add_argument('--skip-bad-images', action='store_true', help='skip unreadable images (named on stderr, counted in the log) instead of stopping')
-parser.add_argument('--dist-timeout', type=float, default=10, help='minutes a process waits for the others before giving up')
-parser.add_argument('--print-config', action='store_true', help='print the settings this command would train with (every default resolved) and exit')
+data.add_system_flags(parser, 'default: out/co_byol (out/byol with --local-weight 0)')  # --device --dtype --compile --seed --out-dir --log-every ...
 
 
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_DISK, EXIT_PREEMPTED = 2, 3, 4, 75
+EXIT_BAD_INPUT = 2  # 3 (non-finite loss), 4 (disk) and 75 (preempted) come from data.py
 
 
 def die(msg, status=EXIT_BAD_INPUT):
@@ -170,16 +158,13 @@ def get_args(argv=None):
         die(f'--img-size {args.img_size} is too small for {args.arch} (its feature map would be empty)')
     if args.local_grid > side:
         die(f'--local-grid {args.local_grid} is larger than the {side} x {side} feature map of {args.arch} at {args.img_size} px')
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if args.batch_size % (world * args.accum_steps):
-        die(f'--batch-size {args.batch_size} is not divisible by {world} process(es) x {args.accum_steps} accumulation step(s)')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        die('--device cuda but no CUDA device is available (use --device cpu)')
-    args.dtype, args.dtype_reason = data.resolve_dtype(args.dtype, args.device)  # recorded in the checkpoint's args
-    args.out_dir = args.out_dir or os.path.join('out', 'co_byol' if args.local_weight > 0 else 'byol')
-    if args.print_config:
-        print(json.dumps(vars(args), indent=1))
-        sys.exit(0)
+    if 64 < args.img_size < 224:  # e.g. STL-10 at 96 px: the large-image defaults are sized for GPUs
+        print(f'note: {args.img_size} px images take the ImageNet-scale defaults ({args.arch} x {args.width:g}, batch {args.batch_size}, {args.epochs:g} epochs); for a CPU run '
+              'set them smaller (--print-config lists every setting)', file=sys.stderr)
+    try:
+        data.check_system_flags(args, os.path.join('out', 'co_byol' if args.local_weight > 0 else 'byol'))
+    except data.RunError as e:
+        die(str(e))
     return args
 
 
@@ -335,23 +320,63 @@ def build_optimizer(model, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Training: schedules, figure, checkpoint, loop
+# 4. Training: schedules, one optimizer step, the figure, the loop
 
 def cosine(step, total, start, end):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
 
-def lr_at(step, args):
-    """Linear warm-up to lr * batch / 256, then cosine to min_lr."""
-    peak, warmup = args.lr * args.batch_size / 256, int(args.warmup_epochs * args.steps_per_epoch)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return cosine(step - warmup, max(1, args.total_steps - warmup), peak, args.min_lr)
+def lr_at(step, total_steps, peak, warmup_steps, min_lr):
+    """Linear warm-up to the peak, then cosine to min_lr."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return cosine(step - warmup_steps, max(1, total_steps - warmup_steps), peak, min_lr)
 
 
-def momentum_at(step, args):
-    """Target EMA momentum: cosine from tau to 1 (BYOL: 1 - (1 - tau) (cos(pi k / K) + 1) / 2)."""
-    return cosine(step, args.total_steps, args.momentum, 1.0)
+def schedule(step, total_steps, steps_per_epoch, args):
+    """lr (linear scaling: lr x batch / 256; warm-up, cosine) and the target's EMA momentum tau
+    (BYOL: 1 - (1 - tau) (cos(pi k / K) + 1) / 2, i.e. cosine from tau to 1) at `step`."""
+    return dict(lr=lr_at(step, total_steps, args.lr * args.batch_size / 256, int(args.warmup_epochs * steps_per_epoch), args.min_lr),
+                momentum=cosine(step, total_steps, args.momentum, 1.0))
+
+
+STATS = ('loss', 'global_loss', 'local_loss')
+
+
+def train_step(model, batches, optimizer, scaler, autocast, sched, args):
+    """One optimizer step on args.accum_steps micro-batches drawn from `batches`: forward, backward
+    (DDP all-reduces gradients on the last micro-step only), clip, step, then the target's EMA.
+    Returns the mean over micro-steps of STATS, a (3,) fp32 tensor left on the device (no sync)."""
+    inner = getattr(model, '_orig_mod', model)  # under torch.compile
+    ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
+    raw = inner.module if ddp else inner
+    for group in optimizer.param_groups:
+        group['lr'] = sched['lr']
+    stats = torch.zeros(len(STATS), device=optimizer.param_groups[0]['params'][0].device)
+    for micro in range(args.accum_steps):
+        views = next(batches)
+        with (inner.no_sync() if ddp and micro < args.accum_steps - 1 else nullcontext()), autocast:
+            out = model(views)
+        scaler.scale(out['loss'] / args.accum_steps).backward()
+        stats += torch.stack([out['loss'].detach(), out['global'], out['local']]).float() / args.accum_steps
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # target <- tau * target + (1 - tau) * online
+        for target, online in raw.ema_pairs():
+            torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - sched['momentum'])
+    return stats
+
+
+def font_of_size(size):
+    """PIL's default font at `size` px (Pillow >= 10.1); older Pillow only has a fixed small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
 
 
 def colour_ramp(v):
@@ -382,7 +407,7 @@ def save_figure(model, images, path, step):
 
     pixels = (images.float().cpu() * torch.tensor(data.STD)[:, None, None] + torch.tensor(data.MEAN)[:, None, None]).clamp(0, 1)
     pixels = (pixels * 255).byte().permute(0, 2, 3, 1).numpy()
-    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    font, small = font_of_size(15), font_of_size(12)
     n, g = len(images), cos.shape[-1]
     cell, pad, cols, top, caption = 160, 12, 2, 62, 22
     rows = math.ceil(n / cols)
@@ -414,125 +439,50 @@ def save_figure(model, images, path, step):
     fig.save(path)
 
 
-def save_checkpoint(obj, path):
-    """Never half-written: write PATH.tmp and fsync it; only then move the old checkpoint to
-    ckpt_prev.pt and rename the new one into place. A failed write (disk full, read-only folder)
-    is a one-line error (exit 4) that leaves the previous checkpoint as it was."""
-    tmp, prev = path + '.tmp', path[:-3] + '_prev.pt'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            os.replace(path, prev)
-        os.replace(tmp, path)
-        folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
-        os.fsync(folder)  # the renames themselves reach the disk
-        os.close(folder)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.isfile(tmp):
-            os.remove(tmp)
-        die(f'cannot write checkpoint {path}: {e}; the previous checkpoint is untouched', EXIT_DISK)
+def save(model, optimizer, scaler, args, step, path, ddp):
+    """The run's checkpoint (master writes it; every process's RNG goes in). `backbone` + `backbone_args`
+    are what eval_linear.py reads; `args` is how a re-run knows it is the same run."""
+    rngs = data.rng_states(args.device, ddp)
+    if data.dist_info()[0] == 0:
+        data.save_checkpoint({'backbone': model.encoder.state_dict(), 'backbone_kind': 'rf_resnet',
+                              'backbone_args': backbone_args(args), 'args': vars(args), 'step': step, 'model': model.state_dict(),
+                              'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'rng': rngs}, path)
 
 
-def load_checkpoint(path):
-    """The newest readable checkpoint: ckpt.pt, else ckpt_prev.pt (after a crash between the two renames
-    of save_checkpoint, or when ckpt.pt was truncated). None when there is none."""
-    prev = path[:-3] + '_prev.pt'
-    for p in (path, prev):
-        if os.path.exists(p):
-            try:
-                ckpt = torch.load(p, map_location='cpu', weights_only=False)
-            except Exception as e:  # truncated zip, garbage, ...: torch raises several types
-                print(f'warning: {p} is unreadable ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); '
-                      'trying the previous checkpoint', file=sys.stderr)
-                continue
-            if p == prev and os.path.exists(path):
-                os.replace(path, path + '.corrupt')  # so that the next save does not make it ckpt_prev.pt
-            return ckpt
-    if os.path.exists(path) or os.path.exists(prev):
-        die(f'no readable checkpoint in {os.path.dirname(path)}: move the checkpoints away or use another --out-dir')
-    return None
-
-
-def check_writable(folder):
-    """Fail at start, not at the first checkpoint, when the output folder cannot be written."""
-    probe = os.path.join(folder, f'.write_test.{os.getpid()}')  # one per process: DDP ranks check at once
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as e:
-        die(f'cannot write to --out-dir {folder}: {e.strerror or e}', EXIT_DISK)
-
-
-STOP_SIGNALS = []  # names of SIGTERM / SIGUSR1 / SIGINT received: finish the step, checkpoint, exit 75
-
-
-def request_stop(signum, frame):
-    if signum == signal.SIGINT and STOP_SIGNALS:  # a second Ctrl-C: stop now, without a checkpoint
-        raise KeyboardInterrupt
-    STOP_SIGNALS.append(signal.Signals(signum).name)
-
-
-def nonfinite_message(step, names, values):
-    bad = [f'{name} is {v}' for name, v in zip(names, values) if not math.isfinite(v)]
-    return f'non-finite loss at step {step} ({", ".join(bad) or "total loss"})'
-
-
-# Flags that do not change what is trained: a run may resume with other values of these.
-RUN_PLUMBING = {'out_dir', 'log_every', 'eval_every', 'ckpt_every', 'workers', 'device', 'dtype', 'dtype_reason', 'compile',
-                'max_steps', 'dist_timeout', 'skip_bad_images', 'download', 'steps_per_epoch', 'total_steps'}
-
-
-def changed_flags(saved, args):
-    """'--flag saved -> now' for every flag that changes the model or the training and differs from the
-    checkpoint's run (flags it did not have count as changed)."""
-    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in vars(args).items()
-            if k not in RUN_PLUMBING and saved.get(k, '(unset)') != v]
-
-
-def rng_state(device):
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device.startswith('cuda') else None}
+def evaluate(model, knn, args, step, dtype, master):
+    """k-NN top-1/top-5 of the online encoder on the held-out split, the agreement figure, a log line."""
+    knn_loaders, num_classes, figure_images = knn
+    top1, top5 = eval_linear.knn_monitor(model.encoder, 'rf_resnet', *knn_loaders, args.device, num_classes, dtype)
+    if master:
+        save_figure(model, figure_images, os.path.join(args.out_dir, f'agreement_{step:06d}.png'), step)
+        with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps({'step': step, 'knn_top1': top1, 'knn_top5': top5}) + '\n')
+    return top1, top5
 
 
 def main(argv=None):
     args = get_args(argv)
-    check_writable(args.out_dir)
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
-    if ddp:
-        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo', timeout=timedelta(minutes=args.dist_timeout))
-        if args.device.startswith('cuda'):
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(args.device)
-    rank, world = data.dist_info()
-    master = rank == 0
+    data.check_writable(args.out_dir)
+    ddp, rank, world, args.device = data.init_distributed(args.device, args.dist_timeout)
+    master, device_type = rank == 0, 'cuda' if args.device.startswith('cuda') else 'cpu'
     torch.manual_seed(args.seed)  # same initial weights on every process (DDP also broadcasts them)
-    device_type = 'cuda' if args.device.startswith('cuda') else 'cpu'
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # Data: pretraining views, and (when labels exist) the k-NN monitor's train/val splits.
-    views_tf = data.two_views(args.img_size, args.crop_min)
-    train_set = data.build_dataset(args.data, args.data_path, 'pretrain', views_tf, args.download, args.seed, args.skip_bad_images)
+    # ---- data: the two views and, when the data has labels, the k-NN monitor's splits
+    train_set = data.build_dataset(args.data, args.data_path, 'pretrain', data.two_views(args.img_size, args.crop_min),
+                                   args.download, args.seed, args.skip_bad_images)
     micro_batch = args.batch_size // (world * args.accum_steps)
+    loader = data.make_loader(train_set, micro_batch, train=True, seed=args.seed, workers=args.workers, device=args.device)
     device_views = None  # --device-aug: uint8 images kept on the device, augmented there in batches
     if args.device_aug:
-        device_views = data.DeviceViews(data.in_memory_images(train_set).to(args.device), train_set.transform.specs)
-    loader = data.make_loader(train_set, micro_batch, train=True, seed=args.seed, workers=args.workers, device=args.device)
-    args.steps_per_epoch = max(1, loader.sampler.batches_per_epoch() // args.accum_steps)
-    args.total_steps = int(args.epochs * args.steps_per_epoch)
-    max_steps = min(args.total_steps, args.max_steps or args.total_steps)
-    args.eval_every = args.eval_every or math.ceil(args.total_steps / 4)
-    knn_sets = [data.build_dataset(args.data, args.data_path, s, data.eval_transform(args.img_size), args.download, args.seed,
-                                   args.skip_bad_images) for s in ('train', 'val')]
-    knn_loaders = None
-    if knn_sets[1] is not None and knn_sets[0].classes:
-        knn_loaders = [data.make_loader(s, 256, train=False, workers=args.workers, device=args.device) for s in knn_sets]
-        figure_images = torch.stack([knn_sets[1][i][0] for i in range(min(6, len(knn_sets[1])))]).to(args.device)
+        device_views = device_aug.DeviceViews(data.in_memory_images(train_set).to(args.device), train_set.transform.specs)
+    steps_per_epoch = max(1, loader.sampler.batches_per_epoch() // args.accum_steps)
+    total_steps = int(args.epochs * steps_per_epoch)
+    max_steps, eval_every = min(total_steps, args.max_steps or total_steps), args.eval_every or math.ceil(total_steps / 4)
+    knn = data.knn_splits(args)  # None without labels
 
+    # ---- model, optimizer, precision; resume when OUT_DIR holds this run's checkpoint
     model = CoBYOL(args).to(args.device, memory_format=torch.channels_last)
     if ddp and device_type == 'cuda':  # every BN over the global batch, as BYOL (SyncBatchNorm needs a GPU)
         model = sync_batchnorm(model)
@@ -540,148 +490,67 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'fp16')
     dtype = data.TORCH_DTYPES[args.dtype]
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-    # Resume: re-running the same command continues from OUT_DIR/ckpt.pt.
     ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.jsonl')
-    step = 0
-    ckpt = load_checkpoint(ckpt_path)
-    if ckpt is not None:
-        changed = changed_flags(ckpt['args'], args)
-        if changed:  # a run resumes only itself
-            die(f"{ckpt_path} is another run ({', '.join(changed)}): use another --out-dir, or the same flags to resume")
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        step = ckpt['step']
-        rng = ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0]
-        torch.set_rng_state(rng['torch'])
-        if rng['cuda'] is not None and device_type == 'cuda':
-            torch.cuda.set_rng_state(rng['cuda'])
-        if master and os.path.exists(log_path):  # forget log lines of steps that will be redone
-            lines = [line for line in open(log_path) if json.loads(line)['step'] <= step]
-            open(log_path, 'w').writelines(lines)
-    else:
+    step = start = data.resume(ckpt_path, args, model, optimizer, scaler, log_path)
+    if step == 0:
         torch.manual_seed(args.seed + rank)
     raw = model
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if device_type == 'cuda' else None)
     if args.compile:
         model = torch.compile(model)
-
     if master:
         side = rf_resnet.feature_size(backbone_args(args), args.img_size)
-        n_local = args.local_grid or side
         form = 'plain BYOL' if args.local_weight == 0 else f'{args.local_loss} local loss, {args.loss_form} form'
-        print(f'CO-BYOL (w={args.local_weight}, {form}, {"no " if args.no_pool_mlp else ""}MLP after pooling, {n_local} x {n_local} locals) '
-              f'on {args.data} at {args.img_size} px, {args.arch} x {args.width} (RF {rf_resnet.receptive_field(backbone_args(args))} px, '
-              f'{side} x {side} map), {sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M trainable parameters, '
+        print(f'CO-BYOL (w={args.local_weight}, {form}, {"no " if args.no_pool_mlp else ""}MLP after pooling, '
+              f'{args.local_grid or side} x {args.local_grid or side} locals) on {args.data} at {args.img_size} px, {args.arch} x '
+              f'{args.width} (RF {rf_resnet.receptive_field(backbone_args(args))} px, {side} x {side} map), '
+              f'{sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M trainable parameters, '
               f'{world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')
         print(f'global batch {args.batch_size} ({micro_batch} per process x {world} x {args.accum_steps} accumulation), '
               f'{args.optimizer} lr {args.lr} x {args.batch_size}/256 = {args.lr * args.batch_size / 256:.3g}, '
-              f'{args.total_steps} steps ({args.epochs} epochs of {args.steps_per_epoch}), resuming at step {step}')
-        print('config: ' + json.dumps(vars(args)))
+              f'{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}), resuming at step {step}')
+        print(f'config: {json.dumps(vars(args))}')
+        if knn is None:
+            print('the data has no labels: no k-NN monitor and no agreement figure, only the loss in log.jsonl')
 
-    saved_step = step  # the last good checkpoint
-
-    def stop_if_diverged():
-        """Exit 3, naming the step and the loss term, once a loss has gone non-finite (one host sync)."""
-        bad_step = int(first_bad.item())
-        if bad_step >= 0:
-            die(nonfinite_message(bad_step, ('global_loss', 'local_loss'), bad_terms.tolist())
-                + f'; {ckpt_path} (step {saved_step}) is the last good checkpoint', EXIT_NONFINITE)
-
-    def checkpoint():
-        nonlocal saved_step
-        stop_if_diverged()  # never overwrite the last good state with a diverged one
-        if not torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all():  # diverged, loss not yet
-            die(f'non-finite parameters after step {step}; {ckpt_path} (step {saved_step}) is the last good checkpoint',
-                EXIT_NONFINITE)
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state(args.device))
-        else:
-            rngs = [rng_state(args.device)]
-        if master:
-            save_checkpoint({'backbone': raw.encoder.state_dict(), 'backbone_kind': 'rf_resnet', 'backbone_args': backbone_args(args),
-                             'args': vars(args), 'step': step, 'model': raw.state_dict(), 'optimizer': optimizer.state_dict(),
-                             'scaler': scaler.state_dict(), 'rng': rngs}, ckpt_path)
-        saved_step = step
-
-    def evaluate():
-        result = {}
-        if knn_loaders is not None:
-            result['knn_top1'], result['knn_top5'] = eval_linear.knn_monitor(
-                raw.encoder, 'rf_resnet', *knn_loaders, args.device, len(knn_sets[0].classes), dtype)
-            if master:
-                save_figure(raw, figure_images, os.path.join(args.out_dir, f'agreement_{step:06d}.png'), step)
-        if master and result:
-            with open(log_path, 'a') as f:
-                f.write(json.dumps({'step': step, **result}) + '\n')
-        return result
-
-    def micro_batches():
-        """Endless micro-batches, starting where step `step` starts (mid-epoch on resume)."""
-        epoch, start = divmod(step * args.accum_steps, loader.sampler.batches_per_epoch())
-        while True:
-            loader.sampler.set_epoch(epoch, start)
-            if device_views is not None:  # the sampler's (index, seed) pairs, augmented on the device
-                for items in loader.batch_sampler:
-                    views = device_views(torch.tensor([i for i, _ in items]), items[0][1])
-                    yield [v.contiguous(memory_format=torch.channels_last) for v in views]
-            else:
-                for views, _ in loader:
-                    yield [v.to(args.device, non_blocking=True, memory_format=torch.channels_last) for v in views]
-            epoch, start = epoch + 1, 0
-
-    batches = micro_batches()
-    running = torch.zeros(3, device=args.device)  # loss, global, local: summed on device, synced at logging
-    first_bad = torch.full((), -1, device=args.device)  # first step with a non-finite loss, if any (checked at logging)
-    bad_terms = torch.zeros(2, device=args.device)  # global and local loss at that step
+    # ---- the loop: evaluate and save at the top (at last_step too, so nothing follows the loop), then one step
+    batches = data.micro_batches(loader, step, args.accum_steps, args.device, device_views, channels_last=True)
+    running = torch.zeros(len(STATS), device=args.device)  # summed on the device, synced at log steps
+    saved_step, logged_step, t_log = step, step, time.time()
     pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
-    t_log, steps_since_log = time.time(), 0
     model.train()
-    while step < max_steps:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        for micro in range(args.accum_steps):
-            views = next(batches)
-            sync = micro == args.accum_steps - 1  # DDP all-reduces gradients on the last micro-step only
-            with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
-                out = model(views)
-            scaler.scale(out['loss'] / args.accum_steps).backward()
-            running += torch.stack([out['loss'].detach(), out['global'], out['local']]) / args.accum_steps
-            new_bad = (first_bad < 0) & ~torch.isfinite(out['loss'].detach())
-            bad_terms = torch.where(new_bad, torch.stack([out['global'], out['local']]).float(), bad_terms)
-            first_bad = torch.where(new_bad, step, first_bad)
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        m = momentum_at(step, args)  # target <- m * target + (1 - m) * online
-        with torch.no_grad():
-            for target, online in raw.ema_pairs():
-                torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1 - m)
-        step += 1
-        steps_since_log += 1
-        pbar.update(1)
+    while True:
+        last_step = step == max_steps
+        stop = not last_step and data.should_stop(step, args.log_every, args.device, ddp)  # preemption
+        t_pause = time.time()  # evaluation and checkpoint time is left out of images/s
+        if knn is not None and (last_step or step % eval_every == 0) and (step > start or last_step):
+            top1, top5 = evaluate(raw, knn, args, step, dtype, master)
+            if master:
+                pbar.write(f'final k-NN top-1 {top1:.2f} (top-5 {top5:.2f}) at step {step}' if last_step else
+                           f'step {step}: k-NN top-1 {top1:.2f}')
+        if step > saved_step and (step % args.ckpt_every == 0 or step % eval_every == 0 or last_step or stop):
+            data.check_finite(running, STATS, logged_step + 1, step, ckpt_path, saved_step, raw)  # never save a diverged run
+            save(raw, optimizer, scaler, args, step, ckpt_path, ddp)
+            saved_step = step
+        t_log += time.time() - t_pause
+        if last_step or stop:
+            break
 
-        last = step == max_steps
-        if step % args.log_every == 0 or last:
-            stop_if_diverged()
+        sched = schedule(step, total_steps, steps_per_epoch, args)
+        running += train_step(model, batches, optimizer, scaler, autocast, sched, args)
+        step += 1
+        pbar.update(1)
+        if step % args.log_every == 0 or step == max_steps:
             if ddp:
                 dist.all_reduce(running)
                 running /= world
-            loss, global_loss, local_loss = (running / steps_since_log).tolist()
-            dt = time.time() - t_log
-            record = {'step': step, 'loss': loss, 'global_loss': global_loss, 'lr': lr, 'momentum': m,
-                      'images_per_s': steps_since_log * args.batch_size / dt}
-            if args.local_weight > 0:
-                record['local_loss'] = local_loss
-            if args.skip_bad_images:  # reads of unreadable images so far, all processes (this session)
-                counter = getattr(train_set, 'skipped', None)  # only image folders can hold broken files
+            data.check_finite(running, STATS, logged_step + 1, step, ckpt_path, saved_step)
+            means = (running / (step - logged_step)).tolist()
+            record = {'step': step, 'loss': means[0], 'global_loss': means[1], **({'local_loss': means[2]} if args.local_weight else {}),
+                      'lr': sched['lr'], 'momentum': sched['momentum'], 'images_per_s': (step - logged_step) * args.batch_size / (time.time() - t_log)}
+            if args.skip_bad_images:  # reads of unreadable images so far, all processes (only image folders count them)
+                counter = getattr(train_set, 'skipped', None)
                 skipped = torch.tensor(float(counter.value if counter is not None else 0), device=args.device)
                 if ddp:
                     dist.all_reduce(skipped)
@@ -689,49 +558,16 @@ def main(argv=None):
             if master:
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(record) + '\n')
-                pbar.set_postfix(loss=f'{loss:.3f}', ips=f"{record['images_per_s']:.0f}")
+                pbar.set_postfix(loss=f"{record['loss']:.3f}", ips=f"{record['images_per_s']:.0f}")
             running.zero_()
-            t_log, steps_since_log = time.time(), 0
-        t_pause = time.time()  # evaluation and checkpoint time is left out of images/s
-        if step % args.eval_every == 0 and not last:
-            result = evaluate()
-            if master and result:
-                pbar.write(f"step {step}: k-NN top-1 {result['knn_top1']:.2f}")
-        if step % args.ckpt_every == 0 or step % args.eval_every == 0 or last:
-            checkpoint()
-        # Preemption: one process alone checks every step; under DDP the processes agree at log steps.
-        stop = bool(STOP_SIGNALS)
-        if ddp and step % args.log_every == 0:
-            flag = torch.tensor(float(stop), device=args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = flag.item() > 0
-        elif ddp:
-            stop = False
-        if stop and not last:
-            if saved_step != step:
-                checkpoint()
-            pbar.close()
-            print(f"{', '.join(STOP_SIGNALS) or 'a stop signal (on another process)'} at step {step}: {ckpt_path} written; "
-                  'exiting with status 75, re-run the same command to continue', file=sys.stderr)
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(EXIT_PREEMPTED)
-        t_log += time.time() - t_pause
+            logged_step, t_log = step, time.time()
     pbar.close()
-    result = evaluate()
-    if master and result:
-        print(f"final k-NN top-1 {result['knn_top1']:.2f} (top-5 {result['knn_top5']:.2f}) at step {step}")
     if ddp:
         dist.destroy_process_group()
-    return result
+    if not stop:
+        return {'knn_top1': top1, 'knn_top5': top5} if knn is not None else {}
+    data.exit_preempted(step, ckpt_path)  # status 75
 
 
 if __name__ == '__main__':
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # schedulers' warnings before a kill; Ctrl-C
-        signal.signal(sig, request_stop)
-    try:
-        main()
-    except data.DataError as e:
-        die(data.error_line(e))
-    except OSError as e:  # writing the log or a figure: disk full, folder removed, ...
-        die(f'{e.__class__.__name__}: {e}', EXIT_DISK)
+    data.run_script(main, die)

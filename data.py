@@ -9,12 +9,17 @@ Datasets, augmentations and loaders shared by dilemma.py, co_byol.py and eval_li
 - augmentations: BYOL's two asymmetric views, DINO's multi-crop, MAE's crop+flip, plain evaluation.
 - `make_loader`: one loader for one process or many (DDP). Every sample's augmentation is seeded by
   (seed, epoch, position in the epoch), so a resumed run, or one with another number of workers or
-  processes, draws exactly the same views.
+  processes, draws exactly the same views; `micro_batches` resumes mid-epoch.
+- the files a run reads and writes, shared by the two training scripts: checkpoints written
+  atomically (with the previous one kept), resume of exactly the same run, preemption signals.
 """
+import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -29,7 +34,16 @@ DATASETS = ('shapes', 'cifar10', 'cifar100', 'stl10', 'folder')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
-class DataError(Exception):
+class RunError(Exception):
+    """Ends a run with a one-line message and an exit status: 2 bad input or data, 3 non-finite loss,
+    4 a checkpoint or log could not be written."""
+
+    def __init__(self, msg, status=2):
+        super().__init__(msg)
+        self.status = status
+
+
+class DataError(RunError):
     """Bad data or a bad data path: the scripts print the message as one line and exit 2."""
 
 
@@ -323,6 +337,18 @@ def dist_info():
     return 0, 1
 
 
+def init_distributed(device, timeout_minutes):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on GPUs, gloo on CPUs) and take
+    this process's GPU. Returns (ddp, rank, world, device)."""
+    if int(os.environ.get('WORLD_SIZE', 1)) == 1:
+        return False, 0, 1, device
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', timeout=timedelta(minutes=timeout_minutes))
+    if device.startswith('cuda'):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return True, *dist_info(), device
+
+
 DTYPES = ('auto', 'bf16', 'fp16', 'fp32')
 TORCH_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
 
@@ -421,10 +447,7 @@ def make_loader(dataset, batch_size, train, seed=0, workers=2, device='cpu'):
 
 
 # ----------------------------------------------------------------------------------------------
-# The same views made on the training device, a batch at a time (--device-aug), for datasets held in
-# memory: a GPU never waits for 2 CPU cores. Differences from the torchvision pipeline [ours]: the
-# colour-jitter order is drawn per batch (torchvision: per image), hue is a rotation of the YIQ chroma
-# plane (torchvision: an HSV shift), and the crop is resampled bicubically without antialiasing.
+# Images held in memory, for --device-aug (device_aug.py makes the views there)
 
 def in_memory_images(dataset):
     """(N, H, W, 3) uint8 tensor of every image of the shapes data, CIFAR, or a folder of equally sized
@@ -440,96 +463,224 @@ def in_memory_images(dataset):
     raise DataError('--device-aug needs images of one size held in memory (shapes, CIFAR, a folder of equal-size images)')
 
 
-def crop_boxes(n, H, W, scale, generator, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's boxes for n images at once: of 10 tries of (area, aspect ratio), the first
-    that fits, else the whole image with its ratio clamped. Returns x0, y0, w, h (n,) in pixels."""
-    dev = generator.device
-    area = torch.empty(n, 10, device=dev).uniform_(*scale, generator=generator) * H * W
-    ratio_ = torch.exp(torch.empty(n, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator))
-    w, h = torch.sqrt(area * ratio_).round(), torch.sqrt(area / ratio_).round()
-    fits = (w > 0) & (h > 0) & (w <= W) & (h <= H)
-    first = fits.float().argmax(1, keepdim=True)
-    w_fb, h_fb = (W, round(W / ratio[0])) if W / H < ratio[0] else ((round(H * ratio[1]), H) if W / H > ratio[1] else (W, H))
-    w = torch.where(fits.any(1), w.gather(1, first)[:, 0], float(w_fb))
-    h = torch.where(fits.any(1), h.gather(1, first)[:, 0], float(h_fb))
-    x0 = (torch.rand(n, device=dev, generator=generator) * (W - w + 1)).floor()
-    y0 = (torch.rand(n, device=dev, generator=generator) * (H - h + 1)).floor()
-    return x0, y0, w, h
+def knn_splits(args, n_figure=6):
+    """The k-NN monitor's data: (train and val loaders, number of classes, n_figure val images on the
+    device for the run's figure), or None when the data has no labels or no held-out split."""
+    sets = [build_dataset(args.data, args.data_path, s, eval_transform(args.img_size), args.download, args.seed,
+                          args.skip_bad_images) for s in ('train', 'val')]
+    if sets[1] is None or not sets[0].classes:
+        return None
+    loaders = [make_loader(s, 256, train=False, workers=args.workers, device=args.device) for s in sets]
+    return loaders, len(sets[0].classes), torch.stack([sets[1][i][0] for i in range(min(n_figure, len(sets[1])))]).to(args.device)
 
 
-def _gray(x):
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+def micro_batches(loader, step, accum_steps, device, device_views=None, channels_last=False):
+    """Endless micro-batches (lists of views on `device`), starting where optimizer step `step`
+    starts: mid-epoch on resume. With device_views the sampler's (index, seed) pairs are augmented
+    on the device instead of by the loader's workers."""
+    epoch, start = divmod(step * accum_steps, loader.sampler.batches_per_epoch())
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    while True:
+        loader.sampler.set_epoch(epoch, start)
+        if device_views is not None:
+            for items in loader.batch_sampler:
+                yield [v.contiguous(memory_format=fmt) for v in device_views(torch.tensor([i for i, _ in items]), items[0][1])]
+        else:
+            for views, _ in loader:
+                yield [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+        epoch, start = epoch + 1, 0
 
 
-def _colour_jitter(x, g):
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) on (n, 3, H, W) in [0, 1], one factor per image."""
-    n = len(x)
-    u = lambda lo, hi: torch.empty(n, 1, 1, 1, device=x.device).uniform_(lo, hi, generator=g)
-    for op in torch.randperm(4, device=x.device, generator=g).tolist():
-        if op == 0:
-            x = x * u(0.6, 1.4)
-        elif op == 1:
-            mean = _gray(x).mean((1, 2, 3), keepdim=True)
-            x = mean + (x - mean) * u(0.6, 1.4)
-        elif op == 2:
-            x = _gray(x) + (x - _gray(x)) * u(0.8, 1.2)
-        else:  # hue: rotate the chroma (I, Q) plane by up to +-0.1 turn
-            yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
-            angle = u(-0.1, 0.1)[:, 0, 0, 0] * 2 * math.pi
-            rot = torch.zeros(n, 3, 3, device=x.device)
-            rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, angle.cos(), angle.cos()
-            rot[:, 1, 2], rot[:, 2, 1] = -angle.sin(), angle.sin()
-            m = torch.linalg.inv(yiq) @ rot @ yiq  # (n, 3, 3)
-            x = torch.einsum('nij,njhw->nihw', m, x)
-        x = x.clamp(0, 1)
-    return x
+# ----------------------------------------------------------------------------------------------
+# Run plumbing both training scripts share: their system flags, checkpoints, resume, preemption
+
+def add_system_flags(parser, out_dir_help):
+    """The flags of dilemma.py and co_byol.py that say where and how a run goes, not what it trains
+    (only --seed changes the result)."""
+    add = parser.add_argument
+    add('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    add('--dtype', choices=DTYPES, default='auto', help='autocast dtype (GradScaler for fp16); auto: bf16 on Ampere+ GPUs '
+        'and on CPUs with native bf16, fp16 on older GPUs, else fp32')
+    add('--compile', action='store_true', help='torch.compile the model')
+    add('--seed', type=int, default=0)
+    add('--out-dir', default=None, help=out_dir_help)
+    add('--log-every', type=int, default=20, help='steps between log.jsonl lines')
+    add('--eval-every', type=int, default=None, help='steps between k-NN + figure + checkpoint (default: 4 per run)')
+    add('--ckpt-every', type=int, default=200, help='steps between checkpoints')
+    add('--skip-bad-images', action='store_true', help='skip unreadable images (named on stderr, counted in the log) instead of stopping')
+    add('--dist-timeout', type=float, default=10, help='minutes a process waits for the others before giving up')
+    add('--print-config', action='store_true', help='print the settings this command would train with (every default resolved) and exit')
 
 
-def _blur(x, g, size):
-    """GaussianBlur with kernel 2 round(size / 20) + 1 and sigma ~ U(0.1, 2), one sigma per image."""
-    n, c, H, W = x.shape
-    k = 2 * round(size / 20) + 1
-    sigma = torch.empty(n, device=x.device).uniform_(0.1, 2.0, generator=g)
-    t = torch.arange(k, device=x.device) - k // 2
-    kernel = torch.exp(-t[None] ** 2 / (2 * sigma[:, None] ** 2))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c, k)
-    x = F.pad(x.reshape(1, n * c, H, W), (k // 2,) * 4, mode='reflect')
-    x = F.conv2d(x, kernel[:, None, None, :], groups=n * c)
-    return F.conv2d(x, kernel[:, None, :, None], groups=n * c).reshape(n, c, H, W)
+def check_system_flags(args, default_out_dir):
+    """Checks of the batch split and device (RunError), the dtype `auto` resolves to (recorded in the
+    checkpoint's args), the default out-dir; --print-config prints the settings and exits."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if args.batch_size % (world * args.accum_steps):
+        raise RunError(f'--batch-size {args.batch_size} is not divisible by {world} process(es) x {args.accum_steps} '
+                       'accumulation step(s)')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise RunError('--device cuda but no CUDA device is available (use --device cpu)')
+    args.dtype, args.dtype_reason = resolve_dtype(args.dtype, args.device)
+    args.out_dir = args.out_dir or default_out_dir
+    if args.print_config:
+        print(json.dumps(vars(args), indent=1))
+        sys.exit(0)
 
 
-def device_view(images, spec, g):
-    """One view of a batch of uint8 images (n, H, W, 3) on the device -> normalised (n, 3, S, S)."""
-    n, H, W, _ = images.shape
-    S, dev = spec['size'], images.device
-    chance = lambda p: torch.rand(n, 1, 1, 1, device=dev, generator=g) < p
-    x0, y0, w, h = crop_boxes(n, H, W, spec['scale'], g)
-    flip = torch.where(torch.rand(n, device=dev, generator=g) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=dev)  # output [-1, 1] -> the crop box, in [-1, 1] input coordinates
-    theta[:, 0, 0], theta[:, 0, 2] = w / W * flip, (2 * x0 + w) / W - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h / H, (2 * y0 + h) / H - 1
-    grid = F.affine_grid(theta, (n, 3, S, S), align_corners=False)
-    x = images.permute(0, 3, 1, 2).float() / 255
-    x = F.grid_sample(x, grid, mode='bicubic', padding_mode='border', align_corners=False).clamp(0, 1)
-    if spec['jitter']:
-        x = torch.where(chance(0.8), _colour_jitter(x, g), x)
-        x = torch.where(chance(0.2), _gray(x).expand_as(x), x)
-    if spec['blur_p'] > 0:
-        x = torch.where(chance(spec['blur_p']), _blur(x, g, S), x)
-    if spec['solarize_p'] > 0:
-        x = torch.where(chance(spec['solarize_p']) & (x >= 128 / 255), 1 - x, x)
-    mean, std = torch.tensor(MEAN, device=dev)[:, None, None], torch.tensor(STD, device=dev)[:, None, None]
-    return (x - mean) / std
+def run_script(main, die):
+    """`python SCRIPT.py`: stop signals end the run at a step boundary with a checkpoint, and a RunError
+    or an unwritable log / figure ends it with one line on stderr and its exit status."""
+    catch_stop_signals()
+    try:
+        main()
+    except RunError as e:  # bad input or data (2), a non-finite loss (3), a checkpoint that cannot be written (4)
+        die(error_line(e), e.status)
+    except OSError as e:  # writing the log or a figure: disk full, folder removed, ...
+        die(f'{e.__class__.__name__}: {e}', 4)
 
 
-class DeviceViews:
-    """The views of a MultiView's specs, made on the device from uint8 images (N, H, W, 3) kept there.
-    views(index (n,), seed) -> list of (n, 3, S, S); the seed fixes every random draw (exact resume)."""
+def check_writable(folder):
+    """Fail at start, not at the first checkpoint, when the output folder cannot be written."""
+    probe = os.path.join(folder, f'.write_test.{os.getpid()}')  # one per process: DDP ranks check at once
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as e:
+        raise RunError(f'cannot write to --out-dir {folder}: {e.strerror or e}', 4) from None
 
-    def __init__(self, images, specs):
-        self.images, self.specs = images, specs
 
-    def __call__(self, index, seed):
-        g = torch.Generator(device=self.images.device).manual_seed(seed)
-        batch = self.images[index.to(self.images.device)]
-        return [device_view(batch, spec, g) for spec in self.specs]
+def save_checkpoint(obj, path):
+    """Never half-written: write PATH.tmp and fsync it; only then move the old checkpoint to
+    ckpt_prev.pt and rename the new one into place. A failed write (disk full, read-only folder) is
+    a RunError (exit 4) that leaves the previous checkpoint as it was."""
+    tmp, prev = path + '.tmp', path[:-3] + '_prev.pt'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            os.replace(path, prev)
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
+        os.fsync(folder)  # the renames themselves reach the disk
+        os.close(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise RunError(f'cannot write checkpoint {path}: {e}; the previous checkpoint is untouched', 4) from None
+
+
+def load_checkpoint(path):
+    """The newest readable checkpoint: ckpt.pt, else ckpt_prev.pt (after a crash between the two
+    renames of save_checkpoint, or when ckpt.pt was truncated). None when there is none."""
+    prev = path[:-3] + '_prev.pt'
+    for p in (path, prev):
+        if os.path.exists(p):
+            try:
+                ckpt = torch.load(p, map_location='cpu', weights_only=False)
+            except Exception as e:  # truncated zip, garbage, ...: torch raises several types
+                print(f'warning: {p} is unreadable ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); '
+                      'trying the previous checkpoint', file=sys.stderr)
+                continue
+            if p == prev and os.path.exists(path):
+                os.replace(path, path + '.corrupt')  # so that the next save does not make it ckpt_prev.pt
+            return ckpt
+    if os.path.exists(path) or os.path.exists(prev):
+        raise RunError(f'no readable checkpoint in {os.path.dirname(path)}: move the checkpoints away or use another --out-dir')
+    return None
+
+
+# Flags that do not change what is trained: a run may resume with other values of these.
+RUN_PLUMBING = {'out_dir', 'log_every', 'eval_every', 'ckpt_every', 'workers', 'device', 'dtype', 'dtype_reason', 'compile',
+                'max_steps', 'dist_timeout', 'skip_bad_images', 'download', 'print_config'}
+
+
+def changed_flags(saved, args):
+    """'--flag saved -> now' for every flag that changes the model or the training and differs from
+    the checkpoint's run (flags it did not have count as changed)."""
+    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in vars(args).items()
+            if k not in RUN_PLUMBING and saved.get(k, '(unset)') != v]
+
+
+def rng_states(device, ddp):
+    """Every process's RNG state, rank order (saved so that a resumed run draws what it would have)."""
+    own = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device.startswith('cuda') else None}
+    if not ddp:
+        return [own]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, own)
+    return states
+
+
+def resume(path, args, model, optimizer, scaler, log_path):
+    """Re-running the same command continues from `path`: loads model, optimizer, scaler and this
+    process's RNG, and forgets log lines of steps that will be redone. A checkpoint of another run
+    (any training flag differs) is a RunError naming the flags: a run resumes only itself.
+    Returns the step to start from (0 without a checkpoint)."""
+    ckpt = load_checkpoint(path)
+    if ckpt is None:
+        return 0
+    changed = changed_flags(ckpt['args'], args)
+    if changed:
+        raise RunError(f"{path} is another run ({', '.join(changed)}): use another --out-dir, or the same flags to resume")
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    rank = dist_info()[0]
+    rng = ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0]
+    torch.set_rng_state(rng['torch'])
+    if rng['cuda'] is not None and args.device.startswith('cuda'):
+        torch.cuda.set_rng_state(rng['cuda'])
+    if rank == 0 and os.path.exists(log_path):
+        lines = [line for line in open(log_path) if json.loads(line)['step'] <= ckpt['step']]
+        open(log_path, 'w').writelines(lines)
+    return ckpt['step']
+
+
+STOP_SIGNALS = []  # names of SIGTERM / SIGUSR1 / SIGINT received: finish the step, checkpoint, exit 75
+
+
+def request_stop(signum, frame):
+    if signum == signal.SIGINT and STOP_SIGNALS:  # a second Ctrl-C: stop now, without a checkpoint
+        raise KeyboardInterrupt
+    STOP_SIGNALS.append(signal.Signals(signum).name)
+
+
+def catch_stop_signals():
+    """Schedulers' warnings before a kill (SIGTERM, SIGUSR1) and Ctrl-C end the run at the next step
+    boundary with a checkpoint (see should_stop)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, request_stop)
+
+
+def should_stop(step, every, device, ddp):
+    """Has a stop signal arrived? One process checks every step; under DDP the processes agree every
+    `every` steps (one all-reduce), so that all of them stop at the same step."""
+    if not ddp:
+        return bool(STOP_SIGNALS)
+    if step % every:
+        return False
+    flag = torch.tensor(float(bool(STOP_SIGNALS)), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def exit_preempted(step, ckpt_path):
+    print(f"{', '.join(STOP_SIGNALS) or 'a stop signal (on another process)'} at step {step}: {ckpt_path} written; "
+          'exiting with status 75, re-run the same command to continue', file=sys.stderr)
+    sys.exit(75)
+
+
+def check_finite(sums, names, first_step, step, ckpt_path, saved_step, model=None):
+    """RunError (exit 3) when a loss summed on the device over steps first_step..step is not finite,
+    or (with model) a parameter is: the last good checkpoint is never overwritten by a diverged run."""
+    bad = [f'{name} is {v}' for name, v in zip(names, sums.tolist()) if not math.isfinite(v)]
+    if not bad and model is not None and not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        bad = ['a parameter is not finite']
+    if bad:
+        raise RunError(f'non-finite loss in steps {first_step}-{step} ({", ".join(bad)}); {ckpt_path} (step {saved_step}) '
+                       'is the last good checkpoint', 3)

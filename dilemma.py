@@ -24,11 +24,9 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,6 +36,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data
+import device_aug
 import eval_linear
 import vit
 
@@ -92,21 +91,10 @@ parser.add_argument('--weight-decay-end', type=float, default=None, help='weight
 parser.add_argument('--clip-grad', type=float, default=None, help='max gradient norm (0 = off)')
 parser.add_argument('--max-steps', type=int, default=None, help='stop after this many optimizer steps (schedules still span --epochs)')
 # system
-parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-parser.add_argument('--dtype', choices=data.DTYPES, default='auto',
-                    help='autocast dtype (GradScaler for fp16); auto: bf16 on Ampere+ GPUs and on CPUs with native bf16, fp16 on older GPUs, else fp32')
-parser.add_argument('--compile', action='store_true', help='torch.compile the model')
-parser.add_argument('--seed', type=int, default=0)
-parser.add_argument('--out-dir', default=None, help='default: out/METHOD (out/METHOD-baseline with DILEMMA off)')
-parser.add_argument('--log-every', type=int, default=20, help='steps between log.jsonl lines')
-parser.add_argument('--eval-every', type=int, default=None, help='steps between k-NN + figure + checkpoint (default: 4 per run)')
-parser.add_argument('--ckpt-every', type=int, default=200, help='steps between checkpoints')
-parser.add_argument('--skip-bad-images', action='store_true', help='skip unreadable images (named on stderr, counted in the log) instead of stopping')
-parser.add_argument('--dist-timeout', type=float, default=10, help='minutes a process waits for the others before giving up')
-parser.add_argument('--print-config', action='store_true', help='print the settings this command would train with (every default resolved) and exit')
+data.add_system_flags(parser, 'default: out/METHOD (out/METHOD-baseline with DILEMMA off)')  # --device --dtype --compile --seed --out-dir --log-every ...
 
 
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_DISK, EXIT_PREEMPTED = 2, 3, 4, 75
+EXIT_BAD_INPUT = 2  # 3 (non-finite loss), 4 (disk) and 75 (preempted) come from data.py
 
 
 def die(msg, status=EXIT_BAD_INPUT):
@@ -206,17 +194,14 @@ def get_args(argv=None):
     for name, size in (('--img-size', args.img_size), ('--local-size', args.local_size)):
         if size is not None and size % patch:
             die(f'{name} {size} is not divisible by the patch size {patch} of {args.model}')
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if args.batch_size % (world * args.accum_steps):
-        die(f'--batch-size {args.batch_size} is not divisible by {world} process(es) x {args.accum_steps} accumulation step(s)')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        die('--device cuda but no CUDA device is available (use --device cpu)')
-    args.dtype, args.dtype_reason = data.resolve_dtype(args.dtype, args.device)  # recorded in the checkpoint's args
     dilemma_on = args.dilemma_prob > 0 or (args.drop_ratio > 0 and args.method != 'mae')
-    args.out_dir = args.out_dir or os.path.join('out', args.method if dilemma_on else f'{args.method}-baseline')
-    if args.print_config:
-        print(json.dumps(vars(args), indent=1))
-        sys.exit(0)
+    if 64 < args.img_size < 224:  # e.g. STL-10 at 96 px: the large-image defaults are sized for GPUs
+        print(f'note: {args.img_size} px images take the ImageNet-scale defaults ({args.model}, batch {args.batch_size}, {args.epochs:g} epochs); for a CPU run '
+              'set them smaller (--print-config lists every setting)', file=sys.stderr)
+    try:
+        data.check_system_flags(args, os.path.join('out', args.method if dilemma_on else f'{args.method}-baseline'))
+    except data.RunError as e:
+        die(str(e))
     return args
 
 
@@ -298,7 +283,8 @@ class DilemmaEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The methods. Each forward(views, step) returns (its own loss, the detection result or None).
+# 3. The methods. Each forward(views, teacher_temp) returns (its own loss, the detection result or None);
+#    teacher_temp is DINO's, the others ignore it.
 
 def mlp(in_dim, hidden, out_dim, layers, last_bn):
     """MoCo v3 / SimCLR projector: Linear-BN-ReLU blocks, then Linear (+ BN without affine)."""
@@ -389,7 +375,7 @@ class MoCoV3(nn.Module):
     def ema_pairs(self):
         return [(self.teacher, self.student.backbone), (self.teacher_projector, self.projector)]
 
-    def forward(self, views, step):
+    def forward(self, views, teacher_temp=None):
         x1, x2 = views
         tokens, _, det = self.student(torch.cat([x1, x2]))  # both views in one sparse, corrupted pass
         q1, q2 = (self.predictor(self.projector(c)) for c in tokens[:, 0].chunk(2))
@@ -426,13 +412,13 @@ class DINO(nn.Module):
         self.teacher = make_teacher(student.backbone)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer('center', torch.zeros(1, args.out_dim))
-        self.student_temp, self.center_momentum, self.args = args.temperature, args.center_momentum, args
+        self.student_temp, self.center_momentum = args.temperature, args.center_momentum
         self.local_drop_ratio = args.local_drop_ratio
 
     def ema_pairs(self):
         return [(self.teacher, self.student.backbone), (self.teacher_head, self.head)]
 
-    def forward(self, views, step):
+    def forward(self, views, teacher_temp=0.04):  # the teacher temperature of this step (schedule())
         globals_, locals_ = torch.cat(views[:2]), views[2:]
         with torch.no_grad():  # teacher: the two global crops, dense and clean
             t = self.teacher_head(self.teacher(globals_)[:, 0]).float()
@@ -443,7 +429,7 @@ class DINO(nn.Module):
             s.append(self.head(l_tokens[:, 0]))
         s = torch.cat(s).float()
         # Cross-entropy between every teacher global view and every other student view.
-        t_probs = F.softmax((t - self.center) / teacher_temp_at(step, self.args), dim=-1).chunk(2)
+        t_probs = F.softmax((t - self.center) / teacher_temp, dim=-1).chunk(2)
         s_logp = F.log_softmax(s / self.student_temp, dim=-1).chunk(2 + len(locals_))
         terms = [-(tp * sl).sum(-1).mean() for i, tp in enumerate(t_probs) for j, sl in enumerate(s_logp) if i != j]
         loss = sum(terms) / len(terms)
@@ -464,7 +450,7 @@ class SimCLR(nn.Module):
         self.projector = mlp(student.backbone.embed_dim, args.proj_hidden, args.proj_dim, 3, last_bn=True)
         self.temperature = args.temperature
 
-    def forward(self, views, step):
+    def forward(self, views, teacher_temp=None):
         tokens, _, det = self.student(torch.cat(views))  # both views sparse and corrupted
         z1, z2 = (self.projector(c) for c in tokens[:, 0].chunk(2))
         return nt_xent(z1, z2, self.temperature), det
@@ -494,7 +480,7 @@ class MAE(nn.Module):
         P = self.patch
         return x.reshape(N, C, H // P, P, W // P, P).permute(0, 2, 4, 3, 5, 1).reshape(N, (H // P) * (W // P), P * P * C)
 
-    def forward(self, views, step):
+    def forward(self, views, teacher_temp=None):
         x = views[0]
         tokens, keep_idx, det = self.student(x)
         y = self.decoder_embed(tokens)  # (N, 1 + K, Dd)
@@ -513,34 +499,15 @@ class MAE(nn.Module):
         return loss, det
 
 
-class Method(nn.Module):
-    """Adds the weighted detection loss to a method's own loss: total = method + lambda * detection."""
-
-    def __init__(self, method, weight):
-        super().__init__()
-        self.method, self.weight = method, weight
-
-    def forward(self, views, step):
-        loss, det = self.method(views, step)
-        if det is None:  # DILEMMA off: the method's loss itself (adding a constant 0 trips torch.compile)
-            zero = torch.zeros_like(loss.detach())
-            return {'loss': loss, 'method': loss.detach(), 'detect': zero, 'det_acc': zero, 'det_auroc': zero}
-        detect, acc, auc = det
-        return {'loss': loss + self.weight * detect, 'method': loss.detach(), 'detect': detect.detach(),
-                'det_acc': acc.detach(), 'det_auroc': auc}
-
-
 def build_model(args):
     backbone = vit.vit(args.model, img_size=args.img_size, pos_embed=args.pos_embed, drop_path_rate=args.drop_path)
     student = DilemmaEncoder(backbone, args.drop_ratio, args.dilemma_prob, args.dilemma_weight)
-    cls = {'mocov3': MoCoV3, 'dino': DINO, 'simclr': SimCLR, 'mae': MAE}[args.method]
-    return Method(cls(student, args), args.dilemma_weight)
+    return {'mocov3': MoCoV3, 'dino': DINO, 'simclr': SimCLR, 'mae': MAE}[args.method](student, args)
 
 
 def eval_backbone(model):
     """The encoder a checkpoint is evaluated with: DINO's teacher (as DINO reports), else the student."""
-    m = model.method
-    return m.teacher if isinstance(m, DINO) else m.student.backbone
+    return model.teacher if isinstance(model, DINO) else model.student.backbone
 
 
 def views_transform(args):
@@ -552,34 +519,36 @@ def views_transform(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Training: schedules, figure, checkpoint, loop
+# 4. Training: schedules, one optimizer step, the figure, the loop
 
 def cosine(step, total, start, end):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
 
-def lr_at(step, args):
-    """Linear warm-up to lr * batch / 256, then cosine to min_lr."""
-    peak, warmup = args.lr * args.batch_size / 256, int(args.warmup_epochs * args.steps_per_epoch)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return cosine(step - warmup, max(1, args.total_steps - warmup), peak, args.min_lr)
+def lr_at(step, total_steps, peak, warmup_steps, min_lr):
+    """Linear warm-up to the peak, then cosine to min_lr."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return cosine(step - warmup_steps, max(1, total_steps - warmup_steps), peak, min_lr)
 
 
-def weight_decay_at(step, args):
-    end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    return cosine(step, args.total_steps, args.weight_decay, end)
+def teacher_temp_at(step, warmup_steps, final, start=0.04):
+    """DINO: teacher temperature, linear warm-up from `start` to `final`, then constant."""
+    return final if step >= warmup_steps else start + (final - start) * step / warmup_steps
 
 
-def momentum_at(step, args):
-    """Teacher EMA momentum: cosine from its base value to 1."""
-    return cosine(step, args.total_steps, args.momentum, 1.0)
-
-
-def teacher_temp_at(step, args):
-    """DINO: teacher temperature, linear warm-up from 0.04 to its final value."""
-    warm = int(args.teacher_temp_epochs * args.steps_per_epoch)
-    return args.teacher_temp if step >= warm else 0.04 + (args.teacher_temp - 0.04) * step / warm
+def schedule(step, total_steps, steps_per_epoch, args):
+    """Everything that changes with the step: lr (linear scaling: lr x batch / 256), weight decay
+    (cosine, DINO to weight_decay_end), teacher EMA momentum (cosine to 1), and DINO's teacher
+    temperature and last-layer freeze."""
+    epochs = lambda e: int(e * steps_per_epoch)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    dino = args.method == 'dino'
+    return dict(lr=lr_at(step, total_steps, args.lr * args.batch_size / 256, epochs(args.warmup_epochs), args.min_lr),
+                weight_decay=cosine(step, total_steps, args.weight_decay, wd_end),
+                momentum=cosine(step, total_steps, args.momentum, 1.0),
+                teacher_temp=teacher_temp_at(step, epochs(args.teacher_temp_epochs), args.teacher_temp) if dino else None,
+                freeze_last_layer=dino and step < epochs(args.freeze_last_layer))
 
 
 def param_groups(model):
@@ -592,12 +561,51 @@ def param_groups(model):
     return [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
+STATS = ('loss', 'method_loss', 'detect_loss', 'det_acc', 'det_auroc')
+
+
+def train_step(model, batches, optimizer, scaler, autocast, sched, args):
+    """One optimizer step on args.accum_steps micro-batches drawn from `batches`: forward, backward
+    (DDP all-reduces gradients on the last micro-step only), clip, step, then the teacher's EMA.
+    The loss is DILEMMA's: the method's own loss + lambda * the detection loss.
+    Returns the mean over micro-steps of STATS, a (5,) fp32 tensor left on the device (no sync)."""
+    inner = getattr(model, '_orig_mod', model)  # under torch.compile
+    ddp = isinstance(inner, nn.parallel.DistributedDataParallel)
+    raw = inner.module if ddp else inner
+    for group in optimizer.param_groups:
+        group['lr'] = sched['lr']
+        if group['weight_decay'] > 0:
+            group['weight_decay'] = sched['weight_decay']
+    stats = torch.zeros(len(STATS), device=optimizer.param_groups[0]['params'][0].device)
+    for micro in range(args.accum_steps):
+        views = next(batches)
+        last_micro = micro == args.accum_steps - 1
+        with (inner.no_sync() if ddp and not last_micro else nullcontext()), autocast:
+            method_loss, det = model(views, sched['teacher_temp'])
+            detect, acc, auc = det if det is not None else [torch.zeros_like(method_loss)] * 3
+            loss = method_loss + args.dilemma_weight * detect if det is not None else method_loss
+        scaler.scale(loss / args.accum_steps).backward()
+        stats += torch.stack([loss, method_loss, detect, acc, auc]).detach().float() / args.accum_steps
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
+    if sched['freeze_last_layer']:
+        raw.head.last_layer.weight.grad = None  # DINO: the prototypes stay fixed for the first epoch(s)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # teacher <- m * teacher + (1 - m) * student
+        for teacher, student in getattr(raw, 'ema_pairs', list)():
+            torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - sched['momentum'])
+    return stats
+
+
 @torch.no_grad()
 def save_figure(model, images, path, step, drop_ratio, prob, seed=0):
     """For a few images, four panels: the input; what the student gets (dropped patches grey, misplaced
     ones outlined red); the same patches drawn where their positional embeddings claim they are; and
     what the detection head flags (green: caught, orange: false alarm, red: missed)."""
-    enc = model.method.student
+    enc = model.student
     was_training = enc.training
     enc.eval()
     N, _, H, W = images.shape
@@ -610,13 +618,15 @@ def save_figure(model, images, path, step, drop_ratio, prob, seed=0):
         tokens = enc.backbone(images, keep.to(images.device), pos.to(images.device))
         flagged = (enc.detect(tokens[:, 1:]).squeeze(-1) > 0).cpu()
     enc.train(was_training)
-    wrong, hits = labels.bool(), (flagged == labels.bool()).float().mean().item()
+    wrong = labels.bool()
+    caught, alarms = (flagged & wrong).sum().item(), (flagged & ~wrong).sum().item()
     pixels = (images.cpu() * torch.tensor(data.STD)[:, None, None] + torch.tensor(data.MEAN)[:, None, None]).clamp(0, 1)
     pixels = (pixels * 255).byte().permute(0, 2, 3, 1).numpy()
     pad, cell, top = 6, H * S, 44
     fig = Image.new('RGB', (4 * cell + 5 * pad, top + N * (cell + pad) + 26), 'white')
     draw = ImageDraw.Draw(fig)
-    draw.text((pad, 4), f'step {step}: detection accuracy {100 * hits:.1f}% on these tokens' if enc.detect is not None
+    draw.text((pad, 4), f'step {step}: {caught} of {wrong.sum().item()} misplaced tokens flagged, {alarms} false alarms '
+              f'({wrong.numel()} kept tokens)' if enc.detect is not None
               else f'step {step}: DILEMMA off (no head); red marks only illustrate the task', fill='black')
     for k, title in enumerate(('input', 'student input', 'as positions claim', 'flagged')):
         draw.text((pad + k * (cell + pad), 26), title, fill='black')
@@ -644,125 +654,66 @@ def save_figure(model, images, path, step, drop_ratio, prob, seed=0):
     fig.save(path)
 
 
-def save_checkpoint(obj, path):
-    """Never half-written: write PATH.tmp and fsync it; only then move the old checkpoint to
-    ckpt_prev.pt and rename the new one into place. A failed write (disk full, read-only folder)
-    is a one-line error (exit 4) that leaves the previous checkpoint as it was."""
-    tmp, prev = path + '.tmp', path[:-3] + '_prev.pt'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            os.replace(path, prev)
-        os.replace(tmp, path)
-        folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
-        os.fsync(folder)  # the renames themselves reach the disk
-        os.close(folder)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.isfile(tmp):
-            os.remove(tmp)
-        die(f'cannot write checkpoint {path}: {e}; the previous checkpoint is untouched', EXIT_DISK)
+def save(model, optimizer, scaler, args, step, path, ddp):
+    """The run's checkpoint (master writes it; every process's RNG goes in). `backbone` + `backbone_args`
+    are what eval_linear.py reads; `args` is how a re-run knows it is the same run."""
+    rngs = data.rng_states(args.device, ddp)
+    if data.dist_info()[0] == 0:
+        data.save_checkpoint({'backbone': eval_backbone(model).state_dict(), 'backbone_kind': 'vit',
+                              'backbone_args': vit.preset_args(args.model, img_size=args.img_size, pos_embed=args.pos_embed),
+                              'args': vars(args), 'step': step, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                              'scaler': scaler.state_dict(), 'rng': rngs}, path)
 
 
-def load_checkpoint(path):
-    """The newest readable checkpoint: ckpt.pt, else ckpt_prev.pt (after a crash between the two renames
-    of save_checkpoint, or when ckpt.pt was truncated). None when there is none."""
-    prev = path[:-3] + '_prev.pt'
-    for p in (path, prev):
-        if os.path.exists(p):
-            try:
-                ckpt = torch.load(p, map_location='cpu', weights_only=False)
-            except Exception as e:  # truncated zip, garbage, ...: torch raises several types
-                print(f'warning: {p} is unreadable ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); '
-                      'trying the previous checkpoint', file=sys.stderr)
-                continue
-            if p == prev and os.path.exists(path):
-                os.replace(path, path + '.corrupt')  # so that the next save does not make it ckpt_prev.pt
-            return ckpt
-    if os.path.exists(path) or os.path.exists(prev):
-        die(f'no readable checkpoint in {os.path.dirname(path)}: move the checkpoints away or use another --out-dir')
-    return None
+def evaluate(model, knn, args, step, dtype, master):
+    """k-NN top-1/top-5 of the evaluated backbone on the held-out split, the detection figure, a log line."""
+    knn_loaders, num_classes, figure_images = knn
+    top1, top5 = eval_linear.knn_monitor(eval_backbone(model), 'vit', *knn_loaders, args.device, num_classes, dtype)
+    if master:
+        save_figure(model, figure_images, os.path.join(args.out_dir, f'detection_{step:06d}.png'), step,
+                    args.drop_ratio, args.dilemma_prob)
+        with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps({'step': step, 'knn_top1': top1, 'knn_top5': top5}) + '\n')
+    return top1, top5
 
 
-def check_writable(folder):
-    """Fail at start, not at the first checkpoint, when the output folder cannot be written."""
-    probe = os.path.join(folder, f'.write_test.{os.getpid()}')  # one per process: DDP ranks check at once
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as e:
-        die(f'cannot write to --out-dir {folder}: {e.strerror or e}', EXIT_DISK)
-
-
-STOP_SIGNALS = []  # names of SIGTERM / SIGUSR1 / SIGINT received: finish the step, checkpoint, exit 75
-
-
-def request_stop(signum, frame):
-    if signum == signal.SIGINT and STOP_SIGNALS:  # a second Ctrl-C: stop now, without a checkpoint
-        raise KeyboardInterrupt
-    STOP_SIGNALS.append(signal.Signals(signum).name)
-
-
-def nonfinite_message(step, names, values):
-    bad = [f'{name} is {v}' for name, v in zip(names, values) if not math.isfinite(v)]
-    return f'non-finite loss at step {step} ({", ".join(bad) or "total loss"})'
-
-
-# Flags that do not change what is trained: a run may resume with other values of these.
-RUN_PLUMBING = {'out_dir', 'log_every', 'eval_every', 'ckpt_every', 'workers', 'device', 'dtype', 'dtype_reason', 'compile',
-                'max_steps', 'dist_timeout', 'skip_bad_images', 'download', 'steps_per_epoch', 'total_steps'}
-
-
-def changed_flags(saved, args):
-    """'--flag saved -> now' for every flag that changes the model or the training and differs from the
-    checkpoint's run (flags it did not have count as changed)."""
-    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {v}" for k, v in vars(args).items()
-            if k not in RUN_PLUMBING and saved.get(k, '(unset)') != v]
-
-
-def rng_state(device):
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device.startswith('cuda') else None}
+def log_record(step, means, seconds, steps, args, train_set, ddp):
+    """One log.jsonl line from the mean of STATS over the last `steps` steps."""
+    record = {'step': step, **dict(zip(STATS[:2], means[:2])), 'images_per_s': steps * args.batch_size / seconds}
+    if args.dilemma_prob > 0 and args.dilemma_weight > 0:  # the head exists: detection on corrupted (DINO: global) crops
+        record.update(zip(STATS[2:], means[2:]), det_info=base_rate_entropy(args.dilemma_prob) - means[2])  # nats below H(p)
+    if args.skip_bad_images:  # reads of unreadable images so far, all processes (only image folders count them)
+        counter = getattr(train_set, 'skipped', None)
+        skipped = torch.tensor(float(counter.value if counter is not None else 0), device=args.device)
+        if ddp:
+            dist.all_reduce(skipped)
+        record['skipped_images'] = int(skipped.item())
+    return record
 
 
 def main(argv=None):
     args = get_args(argv)
-    check_writable(args.out_dir)
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
-    if ddp:
-        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo', timeout=timedelta(minutes=args.dist_timeout))
-        if args.device.startswith('cuda'):
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(args.device)
-    rank, world = data.dist_info()
-    master = rank == 0
+    data.check_writable(args.out_dir)
+    ddp, rank, world, args.device = data.init_distributed(args.device, args.dist_timeout)
+    master, device_type = rank == 0, 'cuda' if args.device.startswith('cuda') else 'cpu'
     torch.manual_seed(args.seed)  # same initial weights on every process (DDP also broadcasts them)
-    device_type = 'cuda' if args.device.startswith('cuda') else 'cpu'
     if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # Data: pretraining views, and (when labels exist) the k-NN monitor's train/val splits.
+    # ---- data: the pretraining views and, when the data has labels, the k-NN monitor's splits
     train_set = data.build_dataset(args.data, args.data_path, 'pretrain', views_transform(args), args.download, args.seed,
                                    args.skip_bad_images)
     micro_batch = args.batch_size // (world * args.accum_steps)
+    loader = data.make_loader(train_set, micro_batch, train=True, seed=args.seed, workers=args.workers, device=args.device)
     device_views = None  # --device-aug: uint8 images kept on the device, augmented there in batches
     if args.device_aug:
-        device_views = data.DeviceViews(data.in_memory_images(train_set).to(args.device), train_set.transform.specs)
-    loader = data.make_loader(train_set, micro_batch, train=True, seed=args.seed, workers=args.workers, device=args.device)
-    args.steps_per_epoch = max(1, loader.sampler.batches_per_epoch() // args.accum_steps)
-    args.total_steps = int(args.epochs * args.steps_per_epoch)
-    max_steps = min(args.total_steps, args.max_steps or args.total_steps)
-    args.eval_every = args.eval_every or math.ceil(args.total_steps / 4)
-    knn_sets = [data.build_dataset(args.data, args.data_path, s, data.eval_transform(args.img_size), args.download, args.seed,
-                                   args.skip_bad_images) for s in ('train', 'val')]
-    knn_loaders = None
-    if knn_sets[1] is not None and knn_sets[0].classes:
-        knn_loaders = [data.make_loader(s, 256, train=False, workers=args.workers, device=args.device) for s in knn_sets]
-        figure_images = torch.stack([knn_sets[1][i][0] for i in range(6)]).to(args.device)
+        device_views = device_aug.DeviceViews(data.in_memory_images(train_set).to(args.device), train_set.transform.specs)
+    steps_per_epoch = max(1, loader.sampler.batches_per_epoch() // args.accum_steps)
+    total_steps = int(args.epochs * steps_per_epoch)
+    max_steps, eval_every = min(total_steps, args.max_steps or total_steps), args.eval_every or math.ceil(total_steps / 4)
+    knn = data.knn_splits(args)  # None without labels
 
+    # ---- model, optimizer, precision; resume when OUT_DIR holds this run's checkpoint
     model = build_model(args).to(args.device)
     if ddp and device_type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # projector BN over the global batch
@@ -772,204 +723,74 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device_type, enabled=args.dtype == 'fp16')
     dtype = data.TORCH_DTYPES[args.dtype]
     autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-    # Resume: re-running the same command continues from OUT_DIR/ckpt.pt.
     ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.jsonl')
-    step = 0
-    ckpt = load_checkpoint(ckpt_path)
-    if ckpt is not None:
-        changed = changed_flags(ckpt['args'], args)
-        if changed:  # a run resumes only itself
-            die(f"{ckpt_path} is another run ({', '.join(changed)}): use another --out-dir, or the same flags to resume")
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        step = ckpt['step']
-        rng = ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0]
-        torch.set_rng_state(rng['torch'])
-        if rng['cuda'] is not None and device_type == 'cuda':
-            torch.cuda.set_rng_state(rng['cuda'])
-        if master and os.path.exists(log_path):  # forget log lines of steps that will be redone
-            lines = [line for line in open(log_path) if json.loads(line)['step'] <= step]
-            open(log_path, 'w').writelines(lines)
-    else:
+    step = start = data.resume(ckpt_path, args, model, optimizer, scaler, log_path)
+    if step == 0:
         torch.manual_seed(args.seed + rank)  # different corruptions / drop paths on each process
     raw = model
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.device] if device_type == 'cuda' else None)
     if args.compile:
         model = torch.compile(model)
-
     if master:
-        settings = {k: v for k, v in vars(args).items()}
         print(f'{args.method} + DILEMMA (p={args.dilemma_prob}, drop={args.drop_ratio}, lambda={args.dilemma_weight}) '
               f'on {args.data} at {args.img_size} px, {args.model}, {sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M '
               f'trainable parameters, {world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')
         print(f'global batch {args.batch_size} ({micro_batch} per process x {world} x {args.accum_steps} accumulation), '
               f'lr {args.lr} x {args.batch_size}/256 = {args.lr * args.batch_size / 256:.3g}, '
-              f'{args.total_steps} steps ({args.epochs} epochs of {args.steps_per_epoch}), resuming at step {step}')
-        print('config: ' + json.dumps(settings))
+              f'{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}), resuming at step {step}')
+        print(f'config: {json.dumps(vars(args))}')
+        if knn is None:
+            print('the data has no labels: no k-NN monitor and no detection figure, only the loss in log.jsonl')
 
-    saved_step = step  # the last good checkpoint
-
-    def stop_if_diverged():
-        """Exit 3, naming the step and the loss term, once a loss has gone non-finite (one host sync)."""
-        bad_step = int(first_bad.item())
-        if bad_step >= 0:
-            die(nonfinite_message(bad_step, ('method_loss', 'detect_loss'), bad_terms.tolist())
-                + f'; {ckpt_path} (step {saved_step}) is the last good checkpoint', EXIT_NONFINITE)
-
-    def checkpoint():
-        nonlocal saved_step
-        stop_if_diverged()  # never overwrite the last good state with a diverged one
-        if not torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all():  # diverged, loss not yet
-            die(f'non-finite parameters after step {step}; {ckpt_path} (step {saved_step}) is the last good checkpoint',
-                EXIT_NONFINITE)
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state(args.device))
-        else:
-            rngs = [rng_state(args.device)]
-        if master:
-            backbone = eval_backbone(raw)
-            save_checkpoint({'backbone': backbone.state_dict(), 'backbone_kind': 'vit',
-                             'backbone_args': vit.preset_args(args.model, img_size=args.img_size, pos_embed=args.pos_embed),
-                             'args': vars(args), 'step': step, 'model': raw.state_dict(), 'optimizer': optimizer.state_dict(),
-                             'scaler': scaler.state_dict(), 'rng': rngs}, ckpt_path)
-        saved_step = step
-
-    def evaluate():
-        result = {}
-        if knn_loaders is not None:
-            result['knn_top1'], result['knn_top5'] = eval_linear.knn_monitor(
-                eval_backbone(raw), 'vit', *knn_loaders, args.device, len(knn_sets[0].classes), dtype)
-            if master:
-                save_figure(raw, figure_images, os.path.join(args.out_dir, f'detection_{step:06d}.png'), step,
-                            args.drop_ratio, args.dilemma_prob)
-        if master and result:
-            with open(log_path, 'a') as f:
-                f.write(json.dumps({'step': step, **result}) + '\n')
-        return result
-
-    def micro_batches():
-        """Endless micro-batches, starting where step `step` starts (mid-epoch on resume)."""
-        epoch, start = divmod(step * args.accum_steps, loader.sampler.batches_per_epoch())
-        while True:
-            loader.sampler.set_epoch(epoch, start)
-            if device_views is not None:  # the sampler's (index, seed) pairs, augmented on the device
-                for items in loader.batch_sampler:
-                    yield device_views(torch.tensor([i for i, _ in items]), items[0][1])
-            else:
-                for views, _ in loader:
-                    yield [v.to(args.device, non_blocking=True) for v in views]
-            epoch, start = epoch + 1, 0
-
-    batches = micro_batches()
-    running = torch.zeros(5, device=args.device)  # loss, method, detect, det_acc, det_auroc: summed on device, synced at logging
-    first_bad = torch.full((), -1, device=args.device)  # first step with a non-finite loss, if any (checked at logging)
-    bad_terms = torch.zeros(2, device=args.device)  # method and detection loss at that step
+    # ---- the loop: evaluate and save at the top (at last_step too, so nothing follows the loop), then one step
+    batches = data.micro_batches(loader, step, args.accum_steps, args.device, device_views)
+    running = torch.zeros(len(STATS), device=args.device)  # summed on the device, synced at log steps
+    saved_step, logged_step, t_log = step, step, time.time()
     pbar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
-    t_log, steps_since_log = time.time(), 0
     model.train()
-    while step < max_steps:
-        lr, wd = lr_at(step, args), weight_decay_at(step, args)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-            if group['weight_decay'] > 0:
-                group['weight_decay'] = wd
-        for micro in range(args.accum_steps):
-            views = next(batches)
-            sync = micro == args.accum_steps - 1  # DDP all-reduces gradients on the last micro-step only
-            with (nullcontext() if sync or not ddp else model.no_sync()), autocast:
-                out = model(views, step)
-            scaler.scale(out['loss'] / args.accum_steps).backward()
-            running += torch.stack([out['loss'].detach(), out['method'], out['detect'], out['det_acc'], out['det_auroc']]) / args.accum_steps
-            new_bad = (first_bad < 0) & ~torch.isfinite(out['loss'].detach())
-            bad_terms = torch.where(new_bad, torch.stack([out['method'], out['detect']]).float(), bad_terms)
-            first_bad = torch.where(new_bad, step, first_bad)
-        if args.clip_grad:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(raw.parameters(), args.clip_grad)
-        if args.method == 'dino' and step < args.freeze_last_layer * args.steps_per_epoch:
-            raw.method.head.last_layer.weight.grad = None  # DINO: prototypes frozen for the first epoch(s)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if hasattr(raw.method, 'ema_pairs'):  # teacher <- m * teacher + (1 - m) * student
-            m = momentum_at(step, args)
-            with torch.no_grad():
-                for teacher, student in raw.method.ema_pairs():
-                    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-                    torch._foreach_lerp_(t_params, s_params, 1 - m)
-        step += 1
-        steps_since_log += 1
-        pbar.update(1)
+    while True:
+        last_step = step == max_steps
+        stop = not last_step and data.should_stop(step, args.log_every, args.device, ddp)  # preemption
+        t_pause = time.time()  # evaluation and checkpoint time is left out of images/s
+        if knn is not None and (last_step or step % eval_every == 0) and (step > start or last_step):
+            top1, top5 = evaluate(raw, knn, args, step, dtype, master)
+            if master:
+                pbar.write(f'final k-NN top-1 {top1:.2f} (top-5 {top5:.2f}) at step {step}' if last_step else
+                           f'step {step}: k-NN top-1 {top1:.2f}')
+        if step > saved_step and (step % args.ckpt_every == 0 or step % eval_every == 0 or last_step or stop):
+            data.check_finite(running, STATS, logged_step + 1, step, ckpt_path, saved_step, raw)  # never save a diverged run
+            save(raw, optimizer, scaler, args, step, ckpt_path, ddp)
+            saved_step = step
+        t_log += time.time() - t_pause
+        if last_step or stop:
+            break
 
-        last = step == max_steps
-        if step % args.log_every == 0 or last:
-            stop_if_diverged()
+        running += train_step(model, batches, optimizer, scaler, autocast, schedule(step, total_steps, steps_per_epoch, args), args)
+        step += 1
+        pbar.update(1)
+        if step % args.log_every == 0 or step == max_steps:
             if ddp:
                 dist.all_reduce(running)
                 running /= world
-            loss, method_loss, detect, acc, auc = (running / steps_since_log).tolist()
-            dt = time.time() - t_log
-            record = {'step': step, 'loss': loss, 'method_loss': method_loss, 'lr': lr,
-                      'images_per_s': steps_since_log * args.batch_size / dt}
-            if args.dilemma_prob > 0 and args.dilemma_weight > 0:  # the head exists: detection on corrupted (DINO: global) crops
-                record.update(detect_loss=detect, det_acc=acc, det_auroc=auc,
-                              det_info=base_rate_entropy(args.dilemma_prob) - detect)  # nats below H(p)
-            if args.skip_bad_images:  # reads of unreadable images so far, all processes (this session)
-                counter = getattr(train_set, 'skipped', None)  # only image folders can hold broken files
-                skipped = torch.tensor(float(counter.value if counter is not None else 0), device=args.device)
-                if ddp:
-                    dist.all_reduce(skipped)
-                record['skipped_images'] = int(skipped.item())
+            data.check_finite(running, STATS, logged_step + 1, step, ckpt_path, saved_step)
+            record = log_record(step, (running / (step - logged_step)).tolist(), time.time() - t_log, step - logged_step, args,
+                                train_set, ddp)
+            record['lr'] = schedule(step - 1, total_steps, steps_per_epoch, args)['lr']
             if master:
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(record) + '\n')
-                pbar.set_postfix(loss=f'{loss:.3f}', auroc=f'{auc:.3f}', ips=f"{record['images_per_s']:.0f}")
+                pbar.set_postfix(loss=f"{record['loss']:.3f}", ips=f"{record['images_per_s']:.0f}",
+                                 **({'auroc': f"{record['det_auroc']:.3f}"} if 'det_auroc' in record else {}))
             running.zero_()
-            t_log, steps_since_log = time.time(), 0
-        t_pause = time.time()  # evaluation and checkpoint time is left out of images/s
-        if step % args.eval_every == 0 and not last:
-            result = evaluate()
-            if master and result:
-                pbar.write(f"step {step}: k-NN top-1 {result['knn_top1']:.2f}")
-        if step % args.ckpt_every == 0 or step % args.eval_every == 0 or last:
-            checkpoint()
-        # Preemption: one process alone checks every step; under DDP the processes agree at log steps.
-        stop = bool(STOP_SIGNALS)
-        if ddp and step % args.log_every == 0:
-            flag = torch.tensor(float(stop), device=args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = flag.item() > 0
-        elif ddp:
-            stop = False
-        if stop and not last:
-            if saved_step != step:
-                checkpoint()
-            pbar.close()
-            print(f"{', '.join(STOP_SIGNALS) or 'a stop signal (on another process)'} at step {step}: {ckpt_path} written; "
-                  'exiting with status 75, re-run the same command to continue', file=sys.stderr)
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(EXIT_PREEMPTED)
-        t_log += time.time() - t_pause
+            logged_step, t_log = step, time.time()
     pbar.close()
-    result = evaluate()
-    if master and result:
-        print(f"final k-NN top-1 {result['knn_top1']:.2f} (top-5 {result['knn_top5']:.2f}) at step {step}")
     if ddp:
         dist.destroy_process_group()
-    return result
+    if stop:
+        data.exit_preempted(step, ckpt_path)  # status 75
+    return {'knn_top1': top1, 'knn_top5': top5} if knn is not None else {}
 
 
 if __name__ == '__main__':
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # schedulers' warnings before a kill; Ctrl-C
-        signal.signal(sig, request_stop)
-    try:
-        main()
-    except data.DataError as e:
-        die(data.error_line(e))
-    except OSError as e:  # writing the log or a figure: disk full, folder removed, ...
-        die(f'{e.__class__.__name__}: {e}', EXIT_DISK)
+    data.run_script(main, die)

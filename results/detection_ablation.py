@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import device_aug  # noqa: E402
 import dilemma  # noqa: E402
 import vit  # noqa: E402
 
@@ -36,7 +37,7 @@ parser.add_argument('--crop-mins', type=float, nargs='+', default=[0.4, 1.0], he
 
 def run(images, model, prob, drop, lr, crop_min, steps, batch, seed=0):
     torch.manual_seed(seed)
-    views = data.DeviceViews(images, data.multi_crop(32, 16, 0, global_scale=(crop_min, 1.0)).specs[:1])
+    views = device_aug.DeviceViews(images, data.multi_crop(32, 16, 0, global_scale=(crop_min, 1.0)).specs[:1])
     enc = dilemma.DilemmaEncoder(vit.vit(model, pos_embed='sincos'), drop, prob, 1.0)
     opt = torch.optim.AdamW(enc.parameters(), lr=lr, weight_decay=0.04)
     aucs, infos, t0 = [], [], time.time()

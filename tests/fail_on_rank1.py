@@ -6,14 +6,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 script = importlib.import_module(sys.argv[1])
-lr_at = script.lr_at
+schedule = script.schedule
 
 
-def failing_lr_at(step, args):
+def failing_schedule(step, *rest):
     if int(os.environ.get('RANK', 0)) == 1 and step == 2:
         raise RuntimeError('injected failure on rank 1')
-    return lr_at(step, args)
+    return schedule(step, *rest)
 
 
-script.lr_at = failing_lr_at
+script.schedule = failing_schedule
 script.main(sys.argv[2:])

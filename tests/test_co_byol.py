@@ -2,6 +2,7 @@
 one-way) pairs each view with the other view's targets, the loss forms, the MLP after pooling, LARS,
 the EMA (target local projector included), SyncBatchNorm everywhere, the ImageNet defaults, the
 training loop (one process, two under torchrun, exact resume), and bad input."""
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import co_byol
+import data
 import rf_resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,9 +57,7 @@ def test_byol_loss_on_hand_built_inputs():
 
 
 def tiny_args(*extra):
-    args = co_byol.get_args([*TINY, '--arch', 'rf25_small', *extra])
-    args.steps_per_epoch, args.total_steps = 10, 100
-    return args
+    return co_byol.get_args([*TINY, '--arch', 'rf25_small', *extra])
 
 
 def tiny_model(*extra):
@@ -188,9 +188,27 @@ def test_lars_scales_each_update_by_the_trust_ratio():
 
 def test_schedules():
     args = tiny_args('--momentum', '0.99', '--warmup-epochs', '1', '--lr', '0.4', '--batch-size', '64')
-    assert co_byol.momentum_at(0, args) == pytest.approx(0.99) and co_byol.momentum_at(100, args) == pytest.approx(1.0)
-    assert co_byol.momentum_at(50, args) == pytest.approx(0.995)
-    assert co_byol.lr_at(9, args) == pytest.approx(0.1) and co_byol.lr_at(100, args) == pytest.approx(0.0)
+    at = lambda step: co_byol.schedule(step, 100, 10, args)  # 100 steps of which 10 are one epoch of warm-up
+    assert at(0)['momentum'] == pytest.approx(0.99) and at(100)['momentum'] == pytest.approx(1.0)
+    assert at(50)['momentum'] == pytest.approx(0.995)
+    assert at(0)['lr'] == pytest.approx(0.1 / 10) and at(9)['lr'] == pytest.approx(0.1)  # 0.4 x 64 / 256, linear warm-up
+    assert at(100)['lr'] == pytest.approx(0.0)
+
+
+def test_train_step_updates_the_online_network_and_moves_the_target_by_ema():
+    args = tiny_args('--local-weight', '0.3')
+    model = co_byol.CoBYOL(args)
+    before = [[p.detach().clone() for p in target.parameters()] for target, _ in model.ema_pairs()]
+    online_before = next(model.encoder.parameters()).detach().clone()
+    sched = dict(lr=0.1, momentum=0.9)
+    x = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    stats = co_byol.train_step(model, iter([x]), co_byol.build_optimizer(model, args), torch.amp.GradScaler('cpu', enabled=False),
+                               contextlib.nullcontext(), sched, args)
+    torch.testing.assert_close(stats[0], 0.7 * stats[1] + 0.3 * stats[2])  # convex form
+    assert not torch.equal(next(model.encoder.parameters()), online_before)  # the online network took a step
+    for (target, online), old in zip(model.ema_pairs(), before):
+        for t, t0, o in zip(target.parameters(), old, online.parameters()):
+            torch.testing.assert_close(t, 0.9 * t0 + 0.1 * o)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +314,8 @@ def test_bad_input_is_one_line_and_exit_2(argv, env, message):
 def test_a_rerun_with_other_training_flags_stops_instead_of_reusing_the_run(tmp_path, image_folder, capsys):
     out, _ = train(tmp_path, 'run', image_folder, '--max-steps', '1')
     for changed, flag in ((['--crop-min', '0.5'], '--crop-min 0.2 -> 0.5'), (['--epochs', '3'], '--epochs 16 -> 3.0')):
-        with pytest.raises(SystemExit) as stop:
+        with pytest.raises(data.RunError) as stop:  # python co_byol.py prints it as one line and exits 2
             train(tmp_path, 'run', image_folder, '--max-steps', '2', *changed)
-        assert stop.value.code == 2 and flag in capsys.readouterr().err
+        assert stop.value.status == 2 and flag in str(stop.value)
     train(tmp_path, 'run', image_folder, '--max-steps', '2')
     assert [r['step'] for r in read_log(out) if 'loss' in r] == [1, 2]  # same training flags: it resumes

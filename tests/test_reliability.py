@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import re
 import time
 
 import pytest
@@ -191,7 +192,9 @@ def test_a_diverging_loss_stops_with_its_step_and_term_and_keeps_the_last_good_c
     res = run(command(script, out, folder, '--max-steps', '30', '--lr', '1e30'))
     assert res.returncode == 3, res.stderr[-2000:]
     line = res.stderr.strip().splitlines()[-1]
-    assert 'non-finite loss at step' in line and (' is nan' in line or ' is inf' in line), line
+    assert re.search(r'non-finite loss in steps (\d+)-(\d+)', line) and (' is nan' in line or ' is inf' in line), line
+    first, last = map(int, re.search(r'in steps (\d+)-(\d+)', line).groups())
+    assert 3 <= first <= last <= 30  # the range holds the steps after the last good checkpoint (step 2)
     assert ('method_loss' in line or 'detect_loss' in line) if script == 'dilemma' else ('global_loss' in line or 'local_loss' in line)
     assert f'(step 2) is the last good checkpoint' in line
     assert (out / 'ckpt.pt').read_bytes() == before
