@@ -49,17 +49,30 @@ def build_backbone(kind, backbone_args):
     raise ValueError(f"unknown backbone kind '{kind}'")
 
 
-def load_checkpoint(path):
-    """Rebuild the backbone of a checkpoint. Returns (backbone, checkpoint dict)."""
+def load_checkpoint(path, num_heads=None):
+    """Rebuild the backbone of a checkpoint. Returns (backbone, checkpoint dict). A file without the
+    checkpoint contract but with ViT weights (timm, DINO, MoCo v3: vit.load_pretrained) gives the ViT
+    they fit (vit.infer_args; `num_heads` as it says) and a checkpoint dict with only the contract."""
     if not os.path.isfile(path):
         raise data.DataError(f'checkpoint not found: {path}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise data.DataError(f'cannot read checkpoint {path}: {e.__class__.__name__}: {e}') from None
+    if isinstance(ckpt, dict) and not {'backbone', 'backbone_kind', 'backbone_args'} <= ckpt.keys():
+        try:  # published ViT weights?
+            backbone_args = vit.infer_args(ckpt, num_heads)
+        except (ValueError, KeyError, AttributeError, TypeError):
+            pass
+        else:
+            backbone = vit.VisionTransformer(**backbone_args)
+            missing = vit.load_pretrained(backbone, ckpt)
+            if missing:
+                raise data.DataError(f'{path}: ViT weights without {", ".join(missing[:5])}')
+            return backbone, {'backbone_kind': 'vit', 'backbone_args': backbone_args, 'args': {}, 'step': 'published weights'}
     if not isinstance(ckpt, dict) or not {'backbone', 'backbone_kind', 'backbone_args'} <= ckpt.keys():
         raise data.DataError(f'{path} is not a checkpoint of dilemma.py / co_byol.py '
-                             '(needs backbone, backbone_kind, backbone_args)')
+                             '(needs backbone, backbone_kind, backbone_args) nor timm / DINO / MoCo v3 ViT weights')
     backbone = build_backbone(ckpt['backbone_kind'], ckpt['backbone_args'])
     backbone.load_state_dict(ckpt['backbone'])
     return backbone, ckpt
@@ -362,6 +375,7 @@ def get_args(argv=None):
     p.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (the floor)')
     p.add_argument('--model', default='vit_mini/4', help=f'ViT preset for --random-init (default: what dilemma.py trains at 32 px): {", ".join(vit.PRESETS)}')
     p.add_argument('--pos-embed', choices=('learned', 'sincos'), default='sincos', help='ViT positional embedding for --random-init')
+    p.add_argument('--num-heads', type=int, default=None, help='heads of a ViT loaded from timm / DINO / MoCo v3 weights (not stored in them; default embed_dim / 64)')
     p.add_argument('--arch', default=None, help=f'RF-ResNet preset for --random-init (instead of --model): {", ".join(rf_resnet.PRESETS)}')
     p.add_argument('--width', type=float, default=1.0, help='RF-ResNet width multiplier for --random-init')
     p.add_argument('--data', default=None, help=f'one of {", ".join(data.DATASETS)} (default: the checkpoint\'s, else shapes)')
@@ -417,9 +431,10 @@ def main(argv=None):
         die('give either a checkpoint path or --random-init')
     train_args = {}
     if args.ckpt:
-        backbone, ckpt = load_checkpoint(args.ckpt)
+        backbone, ckpt = load_checkpoint(args.ckpt, args.num_heads)
         kind, backbone_args, train_args = ckpt['backbone_kind'], ckpt['backbone_args'], ckpt.get('args', {})
-        source = f"{args.ckpt} (step {ckpt.get('step')})"
+        step = ckpt.get('step')
+        source = f'{args.ckpt} ({step})' if isinstance(step, str) else f'{args.ckpt} (step {step})'  # str: published weights
     else:
         args.data = args.data or 'shapes'
         img = args.img_size or data.default_img_size(args.data, args.data_path)
