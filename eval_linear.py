@@ -8,13 +8,18 @@ backbone, --random-init) on a labelled dataset, without augmentation:
   noise, occlusion of random square patches (filled with ImageNet's mean colour), patch shuffling
   (the image's cells permuted on a grid), internal corruption (the features pooled over a random
   subset of the feature map's positions; a ViT runs on a random subset of its patch tokens), and
-  FGSM / PGD attacks. All of it runs in fp32 (an
-  attack that follows bf16 / fp16 gradients takes wrong signs and overstates robustness).
+  FGSM / PGD attacks. All of it runs in fp32 (an attack that follows bf16 / fp16 gradients takes
+  wrong signs and overstates robustness).
+- with --shape-bias, the cue-conflict test (Geirhos et al., ICLR 2019) on the textured shapes data:
+  a probe trained where each object's texture is its class's, shape bias where the texture is
+  another class's, and the probe's top-1 on shape alone and on texture alone.
 
 Features: the ViT's class token (or mean patch token), or the RF-ResNet's average-pooled feature map.
 
     python eval_linear.py out/dino/ckpt.pt
     python eval_linear.py out/co_byol/ckpt.pt --robustness
+    python eval_linear.py out/dino/ckpt.pt --shape-bias --robustness
+    python eval_linear.py dino_deitsmall16_pretrain.pth --data folder --data-path DIR   # published ViT weights
     python eval_linear.py --random-init --model vit_tiny/4 --data folder --data-path DIR   # DIR/train/<class>, DIR/val/<class>
     python eval_linear.py --random-init --arch rf25_small --width 0.125 --robustness
     torchrun --nproc_per_node=2 eval_linear.py out/dino/ckpt.pt      # feature extraction split over 2

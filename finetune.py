@@ -160,7 +160,7 @@ def evaluate(model, loader, device, dtype):
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-SMALL = dict(epochs=5, batch_size=128, lr=1e-3, warmup_epochs=1, crop_min=0.4)  # <= 64 px, a CPU run [ours]
+SMALL = dict(epochs=2, batch_size=128, lr=1e-3, warmup_epochs=0.2, crop_min=0.4)  # <= 64 px, a CPU run [ours]
 LARGE = dict(epochs=100, batch_size=1024, lr=5e-4, warmup_epochs=5, crop_min=0.08)  # MAE's ViT-B fine-tuning
 
 
