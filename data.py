@@ -98,10 +98,60 @@ PALETTE = torch.tensor([[0.05, 0.05, 0.05], [0.95, 0.95, 0.95], [0.85, 0.15, 0.1
                         [0.15, 0.3, 0.85], [0.95, 0.85, 0.2], [0.7, 0.25, 0.75], [0.2, 0.75, 0.8]])
 
 
-def make_shapes(n, size=32, seed=0):
+# Fill textures for the cue-conflict test (Geirhos et al., ICLR 2019): with texture='class' each class
+# also has its own texture, so shape and texture both predict the label; texture='conflict' fills each
+# object with the texture of another class, and what a classifier then answers says which cue it uses.
+TEXTURES = ('horizontal stripes', 'vertical stripes', 'diagonal stripes /', 'diagonal stripes \\', 'checks',
+            'dots', 'grid', 'zigzag')
+TEXTURE_MODES = (None, 'class', 'conflict', 'only', 'silhouette')
+
+
+def texture_classes(labels, texture, seed=0):
+    """(n,) class whose texture fills each object: its own ('class', and 'only', where the label is the
+    texture's class), another class uniformly ('conflict'), or -1 (no texture: None, 'silhouette')."""
+    if texture in ('class', 'only'):
+        return labels.clone()
+    if texture == 'conflict':
+        g = torch.Generator().manual_seed(1_000_003 + seed)
+        return (labels + torch.randint(1, len(TEXTURES), labels.shape, generator=g)) % len(TEXTURES)
+    if texture in (None, 'silhouette'):
+        return torch.full_like(labels, -1)
+    raise ValueError(f"texture must be one of {TEXTURE_MODES}, not '{texture}'")
+
+
+def _ink(texture, px, py):
+    """Boolean (m, S, S): where the texture of class texture[i] puts ink, at pixel coordinates px, py
+    (m, S, S; already shifted by a random phase, so that the texture carries no position). Periods of
+    6-8 px at 32 px: a 4 px patch sees a piece of one texture, never a flat area."""
+    zig = (px % 8 - 4).abs() * 0.75  # a triangle wave of x, 3 px high
+    inks = [py % 6 < 3, px % 6 < 3, (px + py) % 8 < 4, (px - py) % 8 < 4,
+            (torch.floor(px / 3) + torch.floor(py / 3)) % 2 == 0,
+            torch.hypot(px % 6 - 3, py % 6 - 3) < 1.5,
+            (px % 6 < 1.5) | (py % 6 < 1.5), (py + zig) % 6 < 3]
+    out = torch.zeros(px.shape, dtype=torch.bool)
+    for k, ink in enumerate(inks):
+        sel = texture == k
+        out[sel] = ink[sel]
+    return out
+
+
+def make_shapes(n, size=32, seed=0, texture=None):
     """n images (n, size, size, 3) uint8 and balanced labels (n,): one object whose shape is the label,
     at a random position (+-15% of the image), size, rotation, colour (object and background: two
     different palette colours), shading and pixel-noise strength. Vectorised: 10k images in ~2 s.
+
+    Note: `_inside` marks the outside of the triangle and the star (their polygon test has its sign
+    flipped), so those two classes are a triangle- or star-shaped hole in an object-coloured surround.
+    The default data has always been drawn so; the texture modes below keep it (the texture fills
+    what the default colours as the object), so that every mode shows the scenes the models train on.
+
+    texture (the cue-conflict test): None, a flat fill (the default data); 'class', the object filled
+    with its class's texture (TEXTURES: stripes, checks, dots, ...) drawn in two tones of its colour;
+    'conflict', with the texture of another class (texture_classes); 'only', no object, the whole image
+    is the texture of the label's class; 'silhouette', a black object on white, nothing else (Geirhos'
+    silhouettes). Every mode draws the scene (shape, place, colours, light, noise) from `seed` as the
+    default does and the texture's phase from a generator of its own, so the same seed gives the same
+    scenes in every mode, and the default images do not change.
 
     Background and object are each lit from above (within 30 degrees of vertical, random strength), as
     daylight falls on real scenes: brighter at the top, darker at the bottom. Besides realism this gives
@@ -113,6 +163,8 @@ def make_shapes(n, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % len(SHAPES)
     labels = labels[torch.randperm(n, generator=g)]
+    textures = texture_classes(labels, texture, seed)
+    g_phase = torch.Generator().manual_seed(2_000_003 + seed)  # the texture's own draws (see above)
     images = torch.empty(n, size, size, 3, dtype=torch.uint8)
     S = 2 * size  # drawn at twice the size and averaged down: anti-aliased edges
     u = (torch.arange(S) + 0.5) / S * 2 - 1
@@ -137,21 +189,37 @@ def make_shapes(n, size=32, seed=0):
             theta = -math.pi / 2 + (torch.rand(m, 1, 1, generator=g) - 0.5) * math.pi / 3  # -pi/2: from the top
             strength = 0.15 + 0.2 * torch.rand(m, 1, 1, generator=g)
             light.append((strength * (gx * torch.cos(theta) + gy * torch.sin(theta)))[:, None])
-        img = torch.where(mask[:, None], PALETTE[fg][:, :, None, None] + light[1], PALETTE[bg][:, :, None, None] + light[0])
+        fill = PALETTE[fg][:, :, None, None]  # (m, 3, 1, 1)
+        if texture in ('class', 'conflict', 'only'):
+            if texture == 'only':
+                mask = torch.ones_like(mask)
+            phase = torch.rand(m, 2, 1, 1, generator=g_phase) * 24  # 24: a multiple of every period
+            px, py = (gx + 1) * size / 2 + phase[:, 0], (gy + 1) * size / 2 + phase[:, 1]  # in pixels at `size`
+            dark = (fill * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True) < 0.5
+            ink = fill + torch.where(dark, 0.45, -0.45)  # a second tone of the object's colour
+            fill = torch.where(_ink(textures[start:start + m], px, py)[:, None], ink, fill)
+        img = torch.where(mask[:, None], fill + light[1], PALETTE[bg][:, :, None, None] + light[0])
+        if texture == 'silhouette':
+            img = torch.where(mask[:, None], 0.0, 1.0).expand(-1, 3, -1, -1)
         img = torch.nn.functional.avg_pool2d(img, 2)
         noise = 0.15 * torch.rand(m, 1, 1, 1, generator=g) * torch.randn(m, 3, size, size, generator=g)
+        if texture == 'silhouette':
+            noise = torch.zeros_like(noise)
         images[start:start + m] = ((img + noise) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     return images, labels
 
 
 class Shapes(Dataset):
-    """The embedded default: `split` 'train' (10k images) or 'val' (2k), drawn from different seeds."""
+    """The embedded default: `split` 'train' (10k images) or 'val' (2k), drawn from different seeds.
+    texture: see make_shapes; `texture_targets` is the class of each object's texture (-1: none)."""
     classes = SHAPES
 
-    def __init__(self, split='train', transform=None, seed=0, size=32, n=None):
+    def __init__(self, split='train', transform=None, seed=0, size=32, n=None, texture=None):
         n = n or (10_000 if split == 'train' else 2_000)
-        self.images, labels = make_shapes(n, size, seed=2 * seed + (split != 'train'))
+        self.split, self.seed, self.texture = split, seed, texture
+        self.images, labels = make_shapes(n, size, seed=2 * seed + (split != 'train'), texture=texture)
         self.targets = labels.tolist()
+        self.texture_targets = texture_classes(labels, texture, 2 * seed + (split != 'train')).tolist()
         self.transform = transform
 
     def __len__(self):

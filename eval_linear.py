@@ -7,13 +7,19 @@ backbone, --random-init) on a labelled dataset, without augmentation:
 - with --robustness, the top-1 of backbone + trained probe on perturbed validation images: Gaussian
   noise, occlusion of random square patches (filled with ImageNet's mean colour), patch shuffling
   (the image's cells permuted on a grid), internal corruption (the features pooled over a random
-  subset of the feature map's positions), and FGSM / PGD attacks. All of it runs in fp32 (an
-  attack that follows bf16 / fp16 gradients takes wrong signs and overstates robustness).
+  subset of the feature map's positions; a ViT runs on a random subset of its patch tokens), and
+  FGSM / PGD attacks. All of it runs in fp32 (an attack that follows bf16 / fp16 gradients takes
+  wrong signs and overstates robustness).
+- with --shape-bias, the cue-conflict test (Geirhos et al., ICLR 2019) on the textured shapes data:
+  a probe trained where each object's texture is its class's, shape bias where the texture is
+  another class's, and the probe's top-1 on shape alone and on texture alone.
 
 Features: the ViT's class token (or mean patch token), or the RF-ResNet's average-pooled feature map.
 
     python eval_linear.py out/dino/ckpt.pt
     python eval_linear.py out/co_byol/ckpt.pt --robustness
+    python eval_linear.py out/dino/ckpt.pt --shape-bias --robustness
+    python eval_linear.py dino_deitsmall16_pretrain.pth --data folder --data-path DIR   # published ViT weights
     python eval_linear.py --random-init --model vit_tiny/4 --data folder --data-path DIR   # DIR/train/<class>, DIR/val/<class>
     python eval_linear.py --random-init --arch rf25_small --width 0.125 --robustness
     torchrun --nproc_per_node=2 eval_linear.py out/dino/ckpt.pt      # feature extraction split over 2
@@ -48,37 +54,58 @@ def build_backbone(kind, backbone_args):
     raise ValueError(f"unknown backbone kind '{kind}'")
 
 
-def load_checkpoint(path):
-    """Rebuild the backbone of a checkpoint. Returns (backbone, checkpoint dict)."""
+def load_checkpoint(path, num_heads=None):
+    """Rebuild the backbone of a checkpoint. Returns (backbone, checkpoint dict). A file without the
+    checkpoint contract but with ViT weights (timm, DINO, MoCo v3: vit.load_pretrained) gives the ViT
+    they fit (vit.infer_args; `num_heads` as it says) and a checkpoint dict with only the contract."""
     if not os.path.isfile(path):
         raise data.DataError(f'checkpoint not found: {path}')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise data.DataError(f'cannot read checkpoint {path}: {e.__class__.__name__}: {e}') from None
+    if isinstance(ckpt, dict) and not {'backbone', 'backbone_kind', 'backbone_args'} <= ckpt.keys():
+        try:  # published ViT weights?
+            backbone_args = vit.infer_args(ckpt, num_heads)
+        except (ValueError, KeyError, AttributeError, TypeError):
+            pass
+        else:
+            backbone = vit.VisionTransformer(**backbone_args)
+            missing = vit.load_pretrained(backbone, ckpt)
+            if missing:
+                raise data.DataError(f'{path}: ViT weights without {", ".join(missing[:5])}')
+            return backbone, {'backbone_kind': 'vit', 'backbone_args': backbone_args, 'args': {}, 'step': 'published weights'}
     if not isinstance(ckpt, dict) or not {'backbone', 'backbone_kind', 'backbone_args'} <= ckpt.keys():
         raise data.DataError(f'{path} is not a checkpoint of dilemma.py / co_byol.py '
-                             '(needs backbone, backbone_kind, backbone_args)')
+                             '(needs backbone, backbone_kind, backbone_args) nor timm / DINO / MoCo v3 ViT weights')
     backbone = build_backbone(ckpt['backbone_kind'], ckpt['backbone_args'])
     backbone.load_state_dict(ckpt['backbone'])
     return backbone, ckpt
 
 
+def random_subset(N, L, keep, generator, device):
+    """(N, round(keep * L)) random distinct indices in [0, L) per row (at least one)."""
+    return torch.rand(N, L, generator=generator, device=device).argsort(1)[:, :max(1, round(keep * L))]
+
+
 def features(backbone, kind, images, pool='cls', keep=1.0, generator=None):
     """(N, C, H, W) images -> (N, D) frozen features: the ViT's class token (or the mean of its patch
     tokens, pool='avg'), or the RF-ResNet's pooled feature map (its average, then its MLP if it has
-    one). keep < 1 (internal corruption): the average runs over a random subset of round(keep * HW)
-    positions of each image's map (at least one), drawn with `generator`; RF-ResNets and pool='avg'."""
-    out = backbone(images)
-    if kind == 'vit' and pool == 'cls':
+    one). keep < 1 (internal corruption), subsets drawn with `generator`: a ViT runs on a random
+    round(keep * L) of its L patch tokens (token dropping: the sparse inputs DILEMMA and MAE train
+    on); an RF-ResNet, which cannot leave input positions out, averages its map over a random
+    round(keep * HW) of its positions. At least one token or position either way."""
+    if kind == 'vit':
+        keep_idx = None
         if keep < 1:
-            raise ValueError('internal corruption pools over positions: it needs pool="avg" for a ViT')
-        return out[:, 0]
-    tokens = out[:, 1:] if kind == 'vit' else out.flatten(2).transpose(1, 2)  # (N, L, D)
+            P = backbone.patch_size
+            keep_idx = random_subset(len(images), (images.shape[2] // P) * (images.shape[3] // P), keep, generator,
+                                     images.device)
+        out = backbone(images, keep_idx=keep_idx)  # (N, 1 + K, D)
+        return out[:, 0] if pool == 'cls' else out[:, 1:].mean(1)
+    tokens = backbone(images).flatten(2).transpose(1, 2)  # (N, HW, C)
     if keep < 1:
-        N, L, _ = tokens.shape
-        n_keep = max(1, round(keep * L))
-        pick = torch.rand(N, L, generator=generator, device=tokens.device).argsort(1)[:, :n_keep]
+        pick = random_subset(tokens.shape[0], tokens.shape[1], keep, generator, tokens.device)
         tokens = tokens.gather(1, pick[:, :, None].expand(-1, -1, tokens.shape[2]))
     pooled = tokens.mean(1)
     if kind == 'rf_resnet' and backbone.mlp is not None:
@@ -255,16 +282,12 @@ def attack(model, x, y, eps, steps):
     return from_pixels(adv).detach()
 
 
-def pools_over_positions(kind, pool):
-    """Whether the features are a pool over positions (so internal corruption applies)."""
-    return kind == 'rf_resnet' or pool == 'avg'
-
-
 def robustness(backbone, kind, classifier, loader, device, pool, args):
     """Top-1 (%) of backbone + probe on the loader's images under each perturbation of args, in fp32
     (whatever dtype extracted the probe's training features). Returns {'noise': {sigma: acc},
-    'occlusion': {fraction: acc}, 'shuffle': {grid: acc}, 'internal': {keep: acc} (when the features
-    pool over positions), 'fgsm': {'k/255': acc}, 'pgd': {...}}; strength 0 (grid 1, keep 1) = clean."""
+    'occlusion': {fraction: acc}, 'shuffle': {grid: acc}, 'internal': {keep: acc} (ViTs: token
+    dropping; RF-ResNets: pooling over a subset of positions; see `features`), 'fgsm': {'k/255': acc},
+    'pgd': {...}}; strength 0 (grid 1, keep 1) = clean."""
     backbone.eval().requires_grad_(False)
     classifier.requires_grad_(False)
     rank = data.dist_info()[0]
@@ -277,9 +300,8 @@ def robustness(backbone, kind, classifier, loader, device, pool, args):
     # (name, strength, image perturbation, keep fraction of the positions pooled)
     tests = ([('noise', s, lambda x, y, s=s: gaussian_noise(x, s, generator), 1.0) for s in args.noise_sigmas]
              + [('occlusion', f, lambda x, y, f=f: occlude(x, f, args.occlusion_grid, generator), 1.0) for f in args.occlusion]
-             + [('shuffle', g, lambda x, y, g=g: shuffle_patches(x, g, generator), 1.0) for g in args.shuffle_grids])
-    if pools_over_positions(kind, pool):
-        tests += [('internal', k, lambda x, y: x, k) for k in args.internal_keep]
+             + [('shuffle', g, lambda x, y, g=g: shuffle_patches(x, g, generator), 1.0) for g in args.shuffle_grids]
+             + [('internal', k, lambda x, y: x, k) for k in args.internal_keep])
     tests += [(name, f'{e:g}/255', lambda x, y, e=e, k=k: attack(model, x, y, e / 255, k), 1.0)
               for name, k in (('fgsm', 1), ('pgd', args.pgd_steps)) for e in args.attack_eps]
     correct, total = torch.zeros(len(tests), device=device), torch.zeros((), device=device)
@@ -299,6 +321,49 @@ def robustness(backbone, kind, classifier, loader, device, pool, args):
     return results
 
 
+# ----------------------------------------------------------------------------------------------
+# Shape bias: the cue-conflict test of Geirhos et al. (ICLR 2019), made exact on the shapes data. A
+# probe learns the 8 classes from images where each object is filled with its own class's texture, so
+# that shape and texture both give the label; on images where the texture comes from another class,
+# its answers say which cue the features carry: shape bias = shape / (shape + texture) decisions.
+
+def shape_bias_sets(img_size, seed=0, n_train=None, n_val=None):
+    """The labelled sets of the test (32 px shapes, resized to img_size by the evaluation transform):
+    'train' and 'consistent' (each object filled with its own class's texture), 'conflict' (with the
+    texture of another class; `texture_targets`), 'shape_only' (flat fill: the default val images),
+    'texture_only' (no object, the whole image textured). The val sets show the same scenes."""
+    tf = data.eval_transform(img_size)
+    val = lambda texture: data.Shapes('val', tf, seed, n=n_val, texture=texture)
+    return {'train': data.Shapes('train', tf, seed, n=n_train, texture='class'), 'consistent': val('class'),
+            'conflict': val('conflict'), 'shape_only': val(None), 'texture_only': val('only')}
+
+
+def cue_decisions(predicted, shape_y, texture_y):
+    """On cue-conflict images (shape_y != texture_y everywhere): the % of decisions for the shape's
+    class and for the texture's class, and shape bias = shape / (shape + texture) (nan if neither)."""
+    shape = (predicted == shape_y).float().mean().item()
+    texture = (predicted == texture_y).float().mean().item()
+    return {'shape_decisions': 100 * shape, 'texture_decisions': 100 * texture,
+            'shape_bias': shape / (shape + texture) if shape + texture > 0 else float('nan')}
+
+
+def shape_bias(featurize, sets, probe_epochs=100, probe_lr=0.1, probe_wd=0.0, seed=0):
+    """featurize(dataset) -> ((N, D) features, (N,) labels). Trains the linear probe on sets['train'];
+    returns its top-1 (%) on the cue-consistent, shape-only and texture-only images, and its cue
+    decisions on the conflict images (cue_decisions)."""
+    feats = {name: featurize(ds) for name, ds in sets.items()}
+    (top1, _), probe = linear_probe(*feats['train'], *feats['consistent'], len(data.SHAPES), probe_epochs, probe_lr,
+                                    probe_wd, seed=seed)
+    results = {'consistent_top1': top1}
+    with torch.no_grad():
+        for name in ('shape_only', 'texture_only'):
+            results[f'{name}_top1'] = topk_accuracy(probe(feats[name][0]), feats[name][1], ks=(1,))[0]
+        f, shape_y = feats['conflict']
+        texture_y = torch.tensor(sets['conflict'].texture_targets, device=shape_y.device)
+        results.update(cue_decisions(probe(f).argmax(1), shape_y, texture_y))
+    return results
+
+
 def knn_monitor(backbone, kind, train_loader, val_loader, device, num_classes, dtype=torch.float32):
     """What the training scripts call at each evaluation: k-NN top-1 / top-5 on the val split."""
     train_f, train_y = extract_features(backbone, kind, train_loader, device, dtype)
@@ -315,6 +380,7 @@ def get_args(argv=None):
     p.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (the floor)')
     p.add_argument('--model', default='vit_mini/4', help=f'ViT preset for --random-init (default: what dilemma.py trains at 32 px): {", ".join(vit.PRESETS)}')
     p.add_argument('--pos-embed', choices=('learned', 'sincos'), default='sincos', help='ViT positional embedding for --random-init')
+    p.add_argument('--num-heads', type=int, default=None, help='heads of a ViT loaded from timm / DINO / MoCo v3 weights (not stored in them; default embed_dim / 64)')
     p.add_argument('--arch', default=None, help=f'RF-ResNet preset for --random-init (instead of --model): {", ".join(rf_resnet.PRESETS)}')
     p.add_argument('--width', type=float, default=1.0, help='RF-ResNet width multiplier for --random-init')
     p.add_argument('--data', default=None, help=f'one of {", ".join(data.DATASETS)} (default: the checkpoint\'s, else shapes)')
@@ -337,10 +403,12 @@ def get_args(argv=None):
     p.add_argument('--occlusion', type=float, nargs='+', default=[0, 0.1, 0.25, 0.5], help='fractions of the image occluded')
     p.add_argument('--occlusion-grid', type=int, default=8, help='occluded patches (ImageNet mean colour) are cells of a GRID x GRID partition')
     p.add_argument('--shuffle-grids', type=int, nargs='+', default=[1, 2, 4, 8], help='patch shuffling: permute the cells of a G x G grid (1 = clean; must divide the image size)')
-    p.add_argument('--internal-keep', type=float, nargs='+', default=[1.0, 0.5, 0.25, 0.1], help='internal corruption: pool the features over this fraction of the feature map\'s positions, drawn at random (1 = clean)')
+    p.add_argument('--internal-keep', type=float, nargs='+', default=[1.0, 0.5, 0.25, 0.1], help='internal corruption, this fraction kept at random (1 = clean): ViTs run on that fraction of their patch tokens (token dropping), RF-ResNets pool their features over that fraction of the feature map\'s positions')
     p.add_argument('--attack-eps', type=float, nargs='+', default=[1, 2], help='FGSM / PGD L-inf radius, in units of 1/255 of the pixel range')
     p.add_argument('--pgd-steps', type=int, default=5)
     p.add_argument('--robust-images', type=int, default=0, help='evaluate robustness on this many random val images (0 = all)')
+    p.add_argument('--shape-bias', action='store_true', help='cue-conflict test on the textured shapes data (whatever --data is): a probe trained where shape and texture agree, shape bias where they conflict, top-1 on each cue alone')
+    p.add_argument('--shape-bias-images', type=int, default=0, help='N training images and N // 5 of each test set for --shape-bias (0: 10,000 and 2,000)')
     p.error = lambda msg: die(msg)  # one line, exit 2 (argparse would print the whole usage first)
     return p.parse_args(argv)
 
@@ -368,9 +436,10 @@ def main(argv=None):
         die('give either a checkpoint path or --random-init')
     train_args = {}
     if args.ckpt:
-        backbone, ckpt = load_checkpoint(args.ckpt)
+        backbone, ckpt = load_checkpoint(args.ckpt, args.num_heads)
         kind, backbone_args, train_args = ckpt['backbone_kind'], ckpt['backbone_args'], ckpt.get('args', {})
-        source = f"{args.ckpt} (step {ckpt.get('step')})"
+        step = ckpt.get('step')
+        source = f'{args.ckpt} ({step})' if isinstance(step, str) else f'{args.ckpt} (step {step})'  # str: published weights
     else:
         args.data = args.data or 'shapes'
         img = args.img_size or data.default_img_size(args.data, args.data_path)
@@ -432,6 +501,13 @@ def main(argv=None):
         robust_loader = data.make_loader(robust_set, args.batch_size, train=False, workers=args.workers, device=args.device)
         results['robustness'] = robustness(backbone, kind, classifier, robust_loader, args.device, args.pool, args)
         results['robust_images'] = len(robust_set)
+    if args.shape_bias:
+        n = args.shape_bias_images or None
+        sets = shape_bias_sets(img_size, args.seed, n, n and max(1, n // 5))
+        featurize = lambda ds: extract_features(backbone, kind, data.make_loader(
+            ds, args.batch_size, train=False, workers=args.workers, device=args.device), args.device, dtype, args.pool)
+        results['shape_bias'] = shape_bias(featurize, sets, args.probe_epochs or 100, args.probe_lr, args.probe_wd,
+                                           args.seed)
     results['seconds'] = round(time.time() - t0, 1)
 
     if rank == 0:
@@ -445,14 +521,19 @@ def main(argv=None):
             print(f"{f'linear probe ({args.probe_epochs} ep)':<24}{results['probe_top1']:>8.2f}{results['probe_top5']:>8.2f}")
         if 'robustness' in results:
             print(f"robustness: probe top-1 on {results['robust_images']} val images, fp32 (noise and eps in [0, 1] pixel units)")
-            if not pools_over_positions(kind, args.pool):
-                print('(no internal corruption: the class token does not pool over positions; use --pool avg)')
+            internal = 'tokens kept' if kind == 'vit' else 'internal keep'  # ViTs: token dropping
             labels = {'noise': lambda s: f'noise sigma {s}', 'occlusion': lambda s: f'occlusion {float(s):.0%}',
-                      'shuffle': lambda s: f'shuffle {s} x {s}', 'internal': lambda s: f'internal keep {float(s):.0%}',
+                      'shuffle': lambda s: f'shuffle {s} x {s}', 'internal': lambda s: f'{internal} {float(s):.0%}',
                       'fgsm': lambda s: f'FGSM eps {s}', 'pgd': lambda s: f'PGD-{args.pgd_steps} eps {s}'}
             for name, accs in results['robustness'].items():
                 for strength, acc in accs.items():
                     print(f'{labels[name](strength):<24}{acc:>8.2f}')
+        if 'shape_bias' in results:
+            r = results['shape_bias']
+            print(f"shape bias (cue conflict, textured shapes; probe trained where shape and texture agree): "
+                  f"{r['shape_bias']:.3f} ({r['shape_decisions']:.1f}% shape, {r['texture_decisions']:.1f}% texture decisions)")
+            for name, label in (('consistent', 'shape + texture'), ('shape_only', 'shape only'), ('texture_only', 'texture only')):
+                print(f"{label:<24}{r[name + '_top1']:>8.2f}")
         settings = {k: v for k, v in vars(args).items()}
         settings.update(kind=kind, backbone_args=backbone_args, img_size=img_size, world_size=world)
         print(json.dumps({'results': results, 'settings': settings}))

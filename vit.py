@@ -184,12 +184,9 @@ def vit(name, **overrides):
     return VisionTransformer(**preset_args(name, **overrides))
 
 
-def convert_state_dict(state_dict, model):
-    """Map a timm / DINO / MoCo v3 ViT state dict onto our names and shapes.
-
-    Strips wrapper prefixes (module., backbone., base_encoder., encoder.), drops heads, folds the
-    class token's positional embedding (timm keeps pos_embed as (1, 1 + L, D)) into cls_token, and
-    interpolates the patch embeddings to this model's grid."""
+def strip_keys(state_dict):
+    """The backbone's weights of a timm / DINO / MoCo v3 file under our names: unnested, wrapper
+    prefixes (module., backbone., base_encoder., encoder.) stripped, heads and decoders dropped."""
     for key in ('state_dict', 'model', 'teacher', 'backbone'):  # checkpoint files nest the weights
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
@@ -204,6 +201,31 @@ def convert_state_dict(state_dict, model):
         if k.startswith(('head', 'fc.', 'fc_norm', 'decoder', 'mask_token')):
             continue  # classifier heads, MAE's decoder: not part of the backbone
         out[k] = v
+    return out
+
+
+def infer_args(state_dict, num_heads=None):
+    """Constructor arguments of the ViT a timm / DINO / MoCo v3 state dict was saved from. The number
+    of heads is not in the weights: `num_heads`, else embed_dim / 64 (DeiT, DINO, timm; MoCo v3's
+    ViT-S has 12, not 6)."""
+    sd = strip_keys(state_dict)
+    if 'patch_embed.proj.weight' not in sd or 'blocks.0.mlp.fc1.weight' not in sd:
+        raise ValueError('not the state dict of a ViT (no patch_embed.proj.weight / blocks.0.mlp.fc1.weight)')
+    D, _, P, _ = sd['patch_embed.proj.weight'].shape
+    L = sd['pos_embed'].shape[1]
+    grid = math.isqrt(L - 1) if math.isqrt(L - 1) ** 2 == L - 1 and math.isqrt(L) ** 2 != L else math.isqrt(L)
+    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+    return dict(img_size=grid * P, patch_size=P, embed_dim=D, depth=depth, num_heads=num_heads or max(1, D // 64),
+                mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / D, pos_embed='learned')
+
+
+def convert_state_dict(state_dict, model):
+    """Map a timm / DINO / MoCo v3 ViT state dict onto our names and shapes.
+
+    Strips wrapper prefixes and heads (strip_keys), folds the class token's positional embedding (timm
+    keeps pos_embed as (1, 1 + L, D)) into cls_token, and interpolates the patch embeddings to this
+    model's grid."""
+    out = strip_keys(state_dict)
     pos = out.get('pos_embed')
     if pos is not None:
         L_ckpt = pos.shape[1]

@@ -40,6 +40,44 @@ def test_shapes_label_is_the_shape_not_the_colour():
     assert data._inside('circle', torch.tensor([0.0]), torch.tensor([0.0])).item()
 
 
+def test_texture_modes_draw_the_same_scenes_and_only_change_the_fill():
+    flat, labels = data.make_shapes(64, seed=2)
+    silhouette, _ = data.make_shapes(64, seed=2, texture='silhouette')
+    outside = (silhouette == 255).all(-1)  # (N, H, W): pixels wholly outside the object
+    for mode in ('class', 'conflict'):
+        textured, same_labels = data.make_shapes(64, seed=2, texture=mode)
+        assert torch.equal(same_labels, labels)
+        assert torch.equal(textured[outside], flat[outside])  # background, light and noise unchanged
+        inside = (silhouette == 0).all(-1)
+        assert (textured[inside].float() - flat[inside].float()).abs().mean() > 20  # the fill is textured
+    assert set(silhouette.unique().tolist()) >= {0, 255}
+
+
+def test_cue_conflict_textures_come_from_another_class_uniformly():
+    labels = torch.arange(8000) % 8
+    own, other = data.texture_classes(labels, 'class'), data.texture_classes(labels, 'conflict')
+    assert torch.equal(own, labels) and (other != labels).all()
+    table = torch.zeros(8, 8)
+    table.index_put_((labels, other), torch.ones(len(labels)), accumulate=True)
+    off_diagonal = table[~torch.eye(8, dtype=torch.bool)]
+    assert off_diagonal.min() > 100 and off_diagonal.max() < 185  # 1000 / 7 = 143 each
+    ds = data.Shapes('val', n=16, texture='conflict')
+    assert ds.texture_targets != ds.targets and len(ds.texture_targets) == 16
+    assert data.Shapes('val', n=16).texture_targets == [-1] * 16
+
+
+def test_each_texture_is_told_apart_by_its_pixels_alone():
+    """On texture-only images, the nearest class mean of the image's power spectrum (blind to where the
+    texture is) names the texture: the eight textures differ in what a texture is made of."""
+    images, labels = data.make_shapes(400, seed=0, texture='only')
+    gray = images.float().mean(-1)
+    spectrum = torch.fft.rfft2(gray - gray.mean((1, 2), keepdim=True)).abs().flatten(1)
+    spectrum = spectrum / spectrum.norm(dim=1, keepdim=True)
+    means = torch.stack([spectrum[:200][labels[:200] == k].mean(0) for k in range(8)])
+    predicted = (spectrum[200:] @ means.T).argmax(1)
+    assert (predicted == labels[200:]).float().mean() > 0.9
+
+
 def test_transform_output_sizes():
     img = Image.new('RGB', (300, 200), (120, 30, 200))
     views = data.two_views(32)(img)

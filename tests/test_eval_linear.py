@@ -293,3 +293,75 @@ def test_random_init_floor_is_the_model_dilemma_trains_by_default():
     import dilemma
     trained, floor = dilemma.get_args([]), eval_linear.get_args(['--random-init'])
     assert (floor.model, floor.pos_embed) == (trained.model, trained.pos_embed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token dropping (ViT internal corruption) and shape bias
+
+def test_vit_internal_corruption_runs_the_encoder_on_a_random_subset_of_tokens():
+    torch.manual_seed(0)
+    model = vit.vit('vit_micro/4').eval()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(eval_linear.features(model, 'vit', x, keep=1.0), model(x)[:, 0])
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs['keep_idx']), with_kwargs=True)
+    part = eval_linear.features(model, 'vit', x, keep=0.25, generator=torch.Generator().manual_seed(1))
+    keep_idx = seen[-1]
+    assert keep_idx.shape == (3, 16) and all(len(set(row.tolist())) == 16 for row in keep_idx)  # 16 of 64, distinct
+    assert len({tuple(sorted(row.tolist())) for row in keep_idx}) == 3  # a different subset per image
+    torch.testing.assert_close(part, model(x, keep_idx=keep_idx)[:, 0])  # each token keeps its own position
+    avg = eval_linear.features(model, 'vit', x, pool='avg', keep=0.25, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(avg, model(x, keep_idx=keep_idx)[:, 1:].mean(1))
+
+
+def local_spectra(ds):
+    """Sees texture only: the power spectrum of 8 x 8 windows, averaged over the windows (where
+    anything is, hence the silhouette, is lost)."""
+    gray = ds.images.float().mean(-1) / 255  # (N, H, W)
+    windows = gray.unfold(1, 8, 4).unfold(2, 8, 4).reshape(len(gray), -1, 8, 8)
+    spectrum = torch.fft.rfft2(windows - windows.mean((2, 3), keepdim=True)).abs()
+    return spectrum.mean(1).flatten(1), torch.tensor(ds.targets)
+
+
+def silhouette_descriptor(ds):
+    """Sees the silhouette only: the same scenes drawn as silhouettes (same seed, texture='silhouette'),
+    described by the angular Fourier magnitudes (orders 0-6) of the mask in 2 px rings around its
+    centroid (blind to fill, colour, position and rotation). Texture-only images have no silhouette."""
+    import data
+    if ds.texture == 'only':
+        return torch.zeros(len(ds), 8 * 7), torch.tensor(ds.targets)
+    mask = (data.Shapes(ds.split, seed=ds.seed, n=len(ds), texture='silhouette').images[..., 0] < 128).float()
+    N, H, W = mask.shape
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing='ij')
+    area = mask.sum((1, 2))
+    dy = ys - ((mask * ys).sum((1, 2)) / area)[:, None, None]
+    dx = xs - ((mask * xs).sum((1, 2)) / area)[:, None, None]
+    ring, theta = (torch.hypot(dx, dy) / 2).long().clamp(max=7).flatten(1), torch.atan2(dy, dx)
+    feats = [torch.zeros(N, 8, dtype=torch.complex64).scatter_add_(1, ring, (mask * torch.polar(torch.ones_like(theta), k * theta)).flatten(1)).abs()
+             for k in range(7)]
+    return torch.cat(feats, 1), torch.tensor(ds.targets)
+
+
+def test_shape_bias_is_0_for_a_texture_classifier_and_1_for_a_silhouette_classifier():
+    sets = eval_linear.shape_bias_sets(32, seed=0, n_train=1600, n_val=400)
+    texture = eval_linear.shape_bias(local_spectra, sets, probe_epochs=50)
+    assert texture['shape_bias'] < 0.1 and texture['texture_decisions'] > 80, texture
+    assert texture['texture_only_top1'] > 85 and texture['shape_only_top1'] < 25 and texture['consistent_top1'] > 90
+    shape = eval_linear.shape_bias(silhouette_descriptor, sets, probe_epochs=50)
+    assert shape['shape_bias'] > 0.95 and shape['shape_decisions'] > 90, shape
+    assert shape['shape_only_top1'] > 90 and shape['texture_only_top1'] < 25
+    assert eval_linear.cue_decisions(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 0, 0]), torch.tensor([1, 1, 1, 1])) == \
+        {'shape_decisions': 25.0, 'texture_decisions': 25.0, 'shape_bias': 0.5}
+
+
+def test_vit_token_drop_and_shape_bias_from_the_command_line(image_folder):
+    out = run('--random-init', '--model', 'vit_micro/4', '--robustness', '--robust-images', '8', '--noise-sigmas', '0',
+              '--attack-eps', '1', '--probe-epochs', '5', '--workers', '0', '--data', 'folder', '--data-path', image_folder,
+              '--shape-bias', '--shape-bias-images', '400')
+    assert out.returncode == 0, out.stderr
+    assert 'tokens kept 25%' in out.stdout and 'shape bias' in out.stdout and 'texture only' in out.stdout
+    result = json.loads(out.stdout.strip().splitlines()[-1])['results']
+    assert set(result['robustness']['internal']) == {'1.0', '0.5', '0.25', '0.1'}
+    assert result['robustness']['internal']['1.0'] == result['robustness']['noise']['0.0']  # keep 1 is the clean image
+    assert set(result['shape_bias']) == {'consistent_top1', 'shape_only_top1', 'texture_only_top1', 'shape_decisions',
+                                         'texture_decisions', 'shape_bias'}
