@@ -374,6 +374,21 @@ def knn_monitor(backbone, kind, train_loader, val_loader, device, num_classes, d
 # ----------------------------------------------------------------------------------------------
 # Command line
 
+def data_and_size(args, kind, backbone_args, train_args):
+    """Sets args.data / args.data_path to what the checkpoint was trained on unless given, and returns
+    the image size to evaluate at; DataError (one line, exit 2) for a size the backbone cannot take."""
+    args.data = args.data or train_args.get('data', 'shapes')
+    if args.data_path is None and args.data == train_args.get('data'):
+        args.data_path = train_args.get('data_path')
+    img_size = args.img_size or backbone_args.get('img_size') or train_args.get('img_size') \
+        or data.default_img_size(args.data, args.data_path)
+    if kind == 'vit' and img_size % backbone_args['patch_size']:
+        raise data.DataError(f"image size {img_size} is not divisible by the patch size {backbone_args['patch_size']}")
+    if kind == 'rf_resnet' and rf_resnet.feature_size(backbone_args, img_size) == 0:
+        raise data.DataError(f'image size {img_size} is too small for this RF-ResNet (its feature map would be empty)')
+    return img_size
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('ckpt', nargs='?', help='ckpt.pt written by dilemma.py or co_byol.py')
@@ -456,15 +471,7 @@ def main(argv=None):
             if img % backbone_args['patch_size']:
                 die(f"image size {img} is not divisible by the patch size {backbone_args['patch_size']}")
         backbone, source = build_backbone(kind, backbone_args), 'random init'
-    args.data = args.data or train_args.get('data', 'shapes')
-    if args.data_path is None and args.data == train_args.get('data'):
-        args.data_path = train_args.get('data_path')
-    img_size = args.img_size or backbone_args.get('img_size') or train_args.get('img_size') \
-        or data.default_img_size(args.data, args.data_path)
-    if kind == 'vit' and img_size % backbone_args['patch_size']:
-        die(f"image size {img_size} is not divisible by the patch size {backbone_args['patch_size']}")
-    if kind == 'rf_resnet' and rf_resnet.feature_size(backbone_args, img_size) == 0:
-        die(f'image size {img_size} is too small for this RF-ResNet (its feature map would be empty)')
+    img_size = data_and_size(args, kind, backbone_args, train_args)
     if args.robustness and args.probe_epochs <= 0:
         die('--robustness evaluates the linear probe: it needs --probe-epochs > 0')
     if not all(0 <= f <= 1 for f in args.occlusion) or args.occlusion_grid < 1 or args.pgd_steps < 1:

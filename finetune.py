@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 import data
 import eval_linear
-import rf_resnet
 import vit
 
 # ----------------------------------------------------------------------------------------------
@@ -245,15 +244,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same head on every process (DDP also broadcasts it)
 
     backbone, kind, backbone_args, train_args, source = build(args)
-    args.data = args.data or train_args.get('data', 'shapes')
-    if args.data_path is None and args.data == train_args.get('data'):
-        args.data_path = train_args.get('data_path')
-    img_size = args.img_size or backbone_args.get('img_size') or train_args.get('img_size') \
-        or data.default_img_size(args.data, args.data_path)
-    if kind == 'vit' and img_size % backbone_args['patch_size']:
-        die(f"image size {img_size} is not divisible by the patch size {backbone_args['patch_size']}")
-    if kind == 'rf_resnet' and rf_resnet.feature_size(backbone_args, img_size) == 0:
-        die(f'image size {img_size} is too small for this RF-ResNet (its feature map would be empty)')
+    img_size = eval_linear.data_and_size(args, kind, backbone_args, train_args)
     for name, value in (SMALL if img_size <= 64 else LARGE).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
