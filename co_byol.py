@@ -549,12 +549,8 @@ def main(argv=None):
             means = (running / (step - logged_step)).tolist()
             record = {'step': step, 'loss': means[0], 'global_loss': means[1], **({'local_loss': means[2]} if args.local_weight else {}),
                       'lr': sched['lr'], 'momentum': sched['momentum'], 'images_per_s': (step - logged_step) * args.batch_size / (time.time() - t_log)}
-            if args.skip_bad_images:  # reads of unreadable images so far, all processes (only image folders count them)
-                counter = getattr(train_set, 'skipped', None)
-                skipped = torch.tensor(float(counter.value if counter is not None else 0), device=args.device)
-                if ddp:
-                    dist.all_reduce(skipped)
-                record['skipped_images'] = int(skipped.item())
+            if args.skip_bad_images:
+                record['skipped_images'] = data.skipped_images(train_set, args.device, ddp)
             if master:
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(record) + '\n')

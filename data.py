@@ -737,6 +737,16 @@ def should_stop(step, every, device, ddp):
     return flag.item() > 0
 
 
+def skipped_images(dataset, device, ddp):
+    """Reads of unreadable images so far (--skip-bad-images), summed over the processes; only image
+    folders can hold broken files."""
+    counter = getattr(dataset, 'skipped', None)
+    skipped = torch.tensor(float(counter.value if counter is not None else 0), device=device)
+    if ddp:
+        dist.all_reduce(skipped)
+    return int(skipped.item())
+
+
 def exit_preempted(step, ckpt_path):
     print(f"{', '.join(STOP_SIGNALS) or 'a stop signal (on another process)'} at step {step}: {ckpt_path} written; "
           'exiting with status 75, re-run the same command to continue', file=sys.stderr)

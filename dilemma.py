@@ -682,12 +682,8 @@ def log_record(step, means, seconds, steps, args, train_set, ddp):
     record = {'step': step, **dict(zip(STATS[:2], means[:2])), 'images_per_s': steps * args.batch_size / seconds}
     if args.dilemma_prob > 0 and args.dilemma_weight > 0:  # the head exists: detection on corrupted (DINO: global) crops
         record.update(zip(STATS[2:], means[2:]), det_info=base_rate_entropy(args.dilemma_prob) - means[2])  # nats below H(p)
-    if args.skip_bad_images:  # reads of unreadable images so far, all processes (only image folders count them)
-        counter = getattr(train_set, 'skipped', None)
-        skipped = torch.tensor(float(counter.value if counter is not None else 0), device=args.device)
-        if ddp:
-            dist.all_reduce(skipped)
-        record['skipped_images'] = int(skipped.item())
+    if args.skip_bad_images:
+        record['skipped_images'] = data.skipped_images(train_set, args.device, ddp)
     return record
 
 
@@ -766,7 +762,8 @@ def main(argv=None):
         if last_step or stop:
             break
 
-        running += train_step(model, batches, optimizer, scaler, autocast, schedule(step, total_steps, steps_per_epoch, args), args)
+        sched = schedule(step, total_steps, steps_per_epoch, args)
+        running += train_step(model, batches, optimizer, scaler, autocast, sched, args)
         step += 1
         pbar.update(1)
         if step % args.log_every == 0 or step == max_steps:
@@ -776,7 +773,7 @@ def main(argv=None):
             data.check_finite(running, STATS, logged_step + 1, step, ckpt_path, saved_step)
             record = log_record(step, (running / (step - logged_step)).tolist(), time.time() - t_log, step - logged_step, args,
                                 train_set, ddp)
-            record['lr'] = schedule(step - 1, total_steps, steps_per_epoch, args)['lr']
+            record['lr'] = sched['lr']
             if master:
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(record) + '\n')
