@@ -20,8 +20,9 @@ EXPANSION = {'bottleneck': 4, 'basic': 1}  # block output channels = expansion x
 
 # Presets, named by their exact receptive field (pixels). A layer whose blocks are all 1x1 never
 # strides: a strided 1x1 conv would read one position in four and the other three would never reach
-# the output (the constructor refuses it). So the presets whose last layer is 1x1 end at a total
-# stride of 16 (14 x 14 at 224 px, 8 x 8 at 32 px), the others keep ResNet-50's 32.
+# the output (the constructor refuses it). So the presets whose last layer is 1x1 end at half the
+# total stride of the others: rf67/99 at 16 (14 x 14 at 224 px) instead of ResNet-50's 32, and
+# rf17/25_small (no stem stride, no max-pool) at 4 (8 x 8 at 32 px) instead of 8.
 # The '_small' presets (3x3 stride-1 stem, no max-pool) are for 32-64 px images; the 'r18' ones
 # use basic blocks and layers (2, 2, 2, 2) (rf29_r18_small: the RF-29 network of the CO-SSL paper's
 # small datasets [ours: its exact configuration]).

@@ -1,60 +1,189 @@
-"""
-Tables and plots of RESULTS.md, from the runs' own files (matplotlib is needed by this script only:
-pip install matplotlib).
+"""The tables and figures of RESULTS.md, rebuilt from results/runs/ alone (figures need matplotlib, which
+nothing else needs: pip install matplotlib).
 
-    python results/plots.py knn-vs-time OUT_DIR... --labels A B -o results/knn_vs_time.png
+    python results/plots.py tables                 # markdown: the study's cells (mean +/- std over seeds), floors, what is owed
+    python results/plots.py figures                # results/knn_vs_time_<data>.png: k-NN against training time per method
+    python results/plots.py collect OUT_DIR NAME --stdout FILE --command "..." [--eval FILE] [--note "..."]
     python results/plots.py robustness EVAL_JSON... --labels A B -o results/robustness.png
-    python results/plots.py table OUT_DIR...        # markdown: steps, training time, final k-NN, detection
 
-knn-vs-time reads OUT_DIR/log.jsonl: training time is summed from the logged images/s (evaluation and
-checkpoint time excluded, as the scripts measure it). robustness reads the JSON line that
-`eval_linear.py CKPT --robustness` prints last (saved with `| tail -n 1 > FILE`).
+A run is a folder results/runs/NAME/ with log.jsonl (the run's own log) and run.json (command, machine,
+wall time, the printed `config:`); `collect` makes one from a finished --out-dir and its saved stdout.
+Runs whose configurations differ only in --seed (and in flags that do not change training: paths,
+workers, logging) form one cell of a table. Training time is summed from the logged images/s, so it
+leaves out evaluation and checkpoints, as the scripts measure it; on a shared machine it is not a timing.
+A run.json with "shared": true ran beside other jobs (its times are marked, not timings); one with
+"superseded" (why) is listed but kept out of the cells (e.g. made on an earlier data generator).
 """
 import argparse
+import glob
 import json
 import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 
+RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'runs')
+SEEDS_WANTED = 3
+# flags that do not change what is trained: runs differing only in these (and the seed) share a cell
+NOT_TRAINING = {'seed', 'out_dir', 'workers', 'log_every', 'eval_every', 'ckpt_every', 'print_config', 'dtype_reason',
+                'device', 'dist_timeout', 'skip_bad_images', 'data_path', 'download', 'compile', 'dtype', 'max_steps'}
+# the study's design: (script, method, data) x arms, each wanted with SEEDS_WANTED seeds
+DILEMMA_METHODS, STUDY_DATA = ('mocov3', 'dino', 'simclr', 'mae'), ('shapes', 'cifar10-45k')
+DILEMMA_ARMS, CO_BYOL_ARMS = ('baseline', '+ DILEMMA, equal epochs', '+ DILEMMA, equal time'), ('BYOL', 'CO-BYOL')
 
-def read_log(out_dir):
-    """(training records, evaluation records), each with 'seconds': training time up to that step."""
-    records = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
-    train = [r for r in records if 'loss' in r]
-    seconds, last_step, steps, times = 0.0, 0, [0], [0.0]
-    for r in train:
-        seconds += (r['step'] - last_step) * batch_size(out_dir) / r['images_per_s']
-        last_step, r['seconds'] = r['step'], seconds
-        steps.append(r['step'])
+
+def load_runs(root=RUNS):
+    """Every results/runs/NAME with run.json and log.jsonl: dict(name, meta, config, log, evals, eval)."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(root, '*', 'run.json'))):
+        folder = os.path.dirname(path)
+        meta = json.load(open(path))
+        if not os.path.exists(os.path.join(folder, 'log.jsonl')) or not isinstance(meta.get('config'), dict):
+            continue
+        records = [json.loads(line) for line in open(os.path.join(folder, 'log.jsonl')) if line.strip()]
+        eval_path = os.path.join(folder, 'eval.json')
+        runs.append(dict(name=os.path.basename(folder), meta=meta, config=meta['config'],
+                         log=[r for r in records if 'loss' in r], evals=[r for r in records if 'knn_top1' in r],
+                         eval=json.load(open(eval_path))['results'] if os.path.exists(eval_path) else None))
+    return runs
+
+
+def training_seconds(run):
+    """(steps, seconds): training time at each logged step. With "bench_step_ms" in run.json (a step time
+    measured by bench.py for the run's configuration, all arms in one bench run), steps x that time: the
+    time an unshared machine takes. Otherwise from the logged images/s (evaluation excluded)."""
+    if run['meta'].get('bench_step_ms'):
+        steps = [0] + [r['step'] for r in run['log']]
+        return steps, [s * run['meta']['bench_step_ms'] / 1000 for s in steps]
+    batch, seconds, last, steps, times = run['config']['batch_size'], 0.0, 0, [0], [0.0]
+    for r in run['log']:
+        seconds += (r['step'] - last) * batch / r['images_per_s']
+        last = r['step']
+        steps.append(last)
         times.append(seconds)
-    # evaluations fall between log steps: interpolate the training time linearly
-    evals = [dict(r, seconds=float(np.interp(r['step'], steps, times))) for r in records if 'knn_top1' in r]
-    return train, evals
+    return steps, times
 
 
-def batch_size(out_dir, _cache={}):
-    if out_dir not in _cache:
-        import torch
-        ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
-        _cache[out_dir] = ckpt['args']['batch_size']
-    return _cache[out_dir]
+def describe(config):
+    """(script method, data, arm) of a run's configuration."""
+    data = os.path.basename(os.path.normpath(config['data_path'])) if config['data'] == 'folder' else config['data']
+    if 'arch' in config:  # co_byol.py
+        return 'co_byol', data, 'CO-BYOL' if config['local_weight'] > 0 else 'BYOL'
+    if config['dilemma_prob'] > 0 and config['dilemma_weight'] > 0:
+        arm = '+ DILEMMA'
+    else:
+        arm = '+ sparsity' if config['drop_ratio'] > 0 and config['method'] != 'mae' else 'baseline'
+    return config['method'], data, arm
 
 
-def knn_vs_time(dirs, labels, out):
+def cells(runs):
+    """{(method, data): [cell, ...]}: runs grouped by configuration (seeds pooled), each arm labelled."""
+    groups = {}
+    for run in runs:
+        if run['meta'].get('superseded'):
+            continue
+        key = json.dumps({k: v for k, v in sorted(run['config'].items()) if k not in NOT_TRAINING})
+        groups.setdefault(key, []).append(run)
+    table = {}
+    for members in groups.values():
+        method, data, arm = describe(members[0]['config'])
+        table.setdefault((method, data), []).append(dict(arm=arm, runs=members, config=members[0]['config']))
+    for (method, data), row in table.items():  # equal epochs / equal time, relative to the baseline's epochs
+        base = [c for c in row if c['arm'] == 'baseline']
+        for c in row:
+            if c['arm'] == '+ DILEMMA' and base:
+                same = abs(c['config']['epochs'] - base[0]['config']['epochs']) < 1e-9
+                c['arm'] += ', equal epochs' if same else ', equal time'
+        row.sort(key=lambda c: (c['arm'], c['config']['epochs']))
+    return table
+
+
+def mean_std(values, digits=2):
+    values = [v for v in values if v is not None]
+    if not values:
+        return '-'
+    if len(values) == 1:
+        return f'{values[0]:.{digits}f}'
+    return f'{np.mean(values):.{digits}f} +/- {np.std(values, ddof=1):.{digits}f}'
+
+
+def time_kind(runs):
+    if all(r['meta'].get('bench_step_ms') for r in runs):
+        return ' (steps x bench step time)'
+    return ' (logged, shared machine: not a timing)' if any(r['meta'].get('shared') for r in runs) else ' (logged)'
+
+
+def print_tables(runs):
+    table = cells(runs)
+    print('| method | data | arm | epochs (steps) | seeds | k-NN top-1 | probe top-1 | detection AUROC (last log) | '
+          'training time (min) | runs |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for (method, data), row in sorted(table.items()):
+        for c in row:
+            rs = c['runs']
+            auroc = [r['log'][-1].get('det_auroc') for r in rs]
+            print(f"| {method} | {data} | {c['arm']} | {c['config']['epochs']:g} ({rs[0]['log'][-1]['step']}) | "
+                  f"{len(rs)} ({', '.join(str(r['config']['seed']) for r in rs)}) | "
+                  f"{mean_std([r['evals'][-1]['knn_top1'] if r['evals'] else None for r in rs])} | "
+                  f"{mean_std([r['eval']['probe_top1'] if r['eval'] else None for r in rs])} | "
+                  f"{mean_std(auroc, 3)} | {mean_std([training_seconds(r)[1][-1] / 60 for r in rs], 1)}"
+                  f"{time_kind(rs)} | "
+                  f"{', '.join(r['name'] for r in rs)} |")
+    print('\nRandom-init floors (`eval_linear.py --random-init`):\n')
+    print('| file | model | data | k-NN top-1 | probe top-1 |\n|---|---|---|---|---|')
+    for path in sorted(glob.glob(os.path.join(RUNS, 'random_init_floors', '*.eval.json'))):
+        r = json.load(open(path))
+        s = r['settings']
+        data = os.path.basename(os.path.normpath(s['data_path'])) if s['data'] == 'folder' else s['data']
+        model = s['model'] if s.get('arch') is None else f"{s['arch']} x {s['width']}"
+        print(f"| {os.path.basename(path)} | {model} | {data} | {r['results']['knn_top1']:.2f} | {r['results']['probe_top1']:.2f} |")
+    superseded = [r for r in runs if r['meta'].get('superseded')]
+    if superseded:
+        print('\nKept out of the cells: ' + '; '.join(f"`{r['name']}` ({r['meta']['superseded']})" for r in superseded))
+    print('\nStill owed (cells of the design with fewer than %d seeds):\n' % SEEDS_WANTED)
+    wanted = [(m, d, a) for m in DILEMMA_METHODS for d in STUDY_DATA for a in DILEMMA_ARMS]
+    wanted += [('co_byol', d, a) for d in STUDY_DATA for a in CO_BYOL_ARMS]
+    for method, data, arm in wanted:
+        have = sum(len(c['runs']) for c in table.get((method, data), []) if c['arm'] == arm)
+        if have < SEEDS_WANTED:
+            print(f'- {method} on {data}, {arm}: {have} of {SEEDS_WANTED} seeds')
+
+
+def figures(runs, out_dir):
+    """One PNG per dataset: a panel per method, k-NN against training time, one line per run."""
+    import matplotlib
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for d, label in zip(dirs, labels):
-        _, evals = read_log(d)
-        ax.plot([e['seconds'] / 60 for e in evals], [e['knn_top1'] for e in evals], marker='o', label=label)
-    ax.set_xlabel('training time (min, 2 CPU cores, evaluation excluded)')
-    ax.set_ylabel('k-NN top-1 (%)')
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    table = cells(runs)
+    for data in sorted({d for _, d in table}):
+        methods = sorted(m for m, d in table if d == data)
+        fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False)
+        for ax, method in zip(axes[0], methods):
+            for k, c in enumerate(table[(method, data)]):
+                for j, run in enumerate(c['runs']):
+                    steps, times = training_seconds(run)
+                    x = np.interp([e['step'] for e in run['evals']], steps, times) / 60
+                    ax.plot(x, [e['knn_top1'] for e in run['evals']], marker='o', color=f'C{k}', alpha=0.8,
+                            label=f"{c['arm']} ({c['config']['epochs']:g} ep)" if j == 0 else None)
+            ax.set_title(f'{method} on {data}')
+            ax.set_xlabel('training time (min)' + time_kind([r for c in table[(method, data)] for r in c['runs']]),
+                          fontsize=7)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel('k-NN top-1 (%), one line per seed')
+        fig.tight_layout()
+        path = os.path.join(out_dir, f'knn_vs_time_{data}.png')
+        fig.savefig(path, dpi=100)
+        print('wrote', path)
 
 
 def robustness(files, labels, out):
+    import matplotlib
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     results = [json.loads(open(f).read().strip().splitlines()[-1])['results']['robustness'] for f in files]
     kinds = list(results[0])
@@ -72,27 +201,68 @@ def robustness(files, labels, out):
     fig.savefig(out, dpi=110)
 
 
-def table(dirs):
-    print('| run | steps | training time (min) | final k-NN top-1 | last detection acc. |')
-    print('|---|---|---|---|---|')
-    for d in dirs:
-        train, evals = read_log(d)
-        det = train[-1].get('det_acc') if train[-1].get('detect_loss') else None  # 0 when DILEMMA is off
-        print(f"| {d} | {train[-1]['step']} | {train[-1]['seconds'] / 60:.1f} | {evals[-1]['knn_top1']:.2f} | "
-              f"{f'{det:.3f}' if det is not None else '-'} |")
+def machine():
+    """CPU model, cores, native bf16 and torch version of this machine."""
+    import torch
+    cpu = platform.processor() or 'unknown CPU'
+    try:
+        cpu = re.search(r'Model name:\s*(.+)', subprocess.run(['lscpu'], capture_output=True, text=True).stdout).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()),
+                torch=torch.__version__, omp_num_threads=os.environ.get('OMP_NUM_THREADS'))
+
+
+def collect(out_dir, name, stdout, command, eval_file, note):
+    """results/runs/NAME/{log.jsonl, run.json[, eval.json]} from a finished run's --out-dir and saved stdout
+    (with `time`'s real line if it was timed). Machine paths become runs/NAME and DATA/<folder>."""
+    lines = open(stdout, errors='replace').read().replace('\r', '\n').splitlines()
+    config_line = [l for l in lines if l.startswith('config: ')]
+    final = [l for l in lines if l.startswith('final ')]
+    if not config_line or not final:
+        sys.exit(f'error: {stdout} has no config: line or no final line; is the run finished?')
+    config = json.loads(config_line[-1][len('config: '):])
+    config['out_dir'] = f'runs/{name}'
+    if config.get('data_path'):
+        config['data_path'] = 'DATA/' + os.path.basename(os.path.normpath(config['data_path']))
+    dest = os.path.join(RUNS, name)
+    os.makedirs(dest, exist_ok=True)
+    shutil.copy(os.path.join(out_dir, 'log.jsonl'), os.path.join(dest, 'log.jsonl'))
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    meta = dict(command=command, machine=machine(), dtype=config.get('dtype'), commit=commit,
+                wall=[l.strip() for l in lines if l.startswith('real')], note=note,
+                stdout_head=[l for l in lines[:3] if not l.startswith('config: ')], final=final[-1], config=config)
+    if eval_file:
+        result = json.loads(open(eval_file).read().strip().splitlines()[-1])
+        json.dump(result, open(os.path.join(dest, 'eval.json'), 'w'))
+        meta['eval'] = 'eval.json: the last line of eval_linear.py on this run\'s ckpt.pt'
+    json.dump(meta, open(os.path.join(dest, 'run.json'), 'w'), indent=1)
+    print('wrote', dest)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n\n', 1)[1])
+    p.add_argument('what', choices=('tables', 'figures', 'collect', 'robustness'))
+    p.add_argument('inputs', nargs='*', help='collect: OUT_DIR NAME; robustness: eval JSON files')
+    p.add_argument('--labels', nargs='+')
+    p.add_argument('-o', '--out', default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument('--stdout', help='collect: the saved output of the run')
+    p.add_argument('--command', help='collect: the command that made the run')
+    p.add_argument('--eval', help='collect: the saved output of eval_linear.py on the run')
+    p.add_argument('--note', default='', help='collect: e.g. whether the machine was shared')
+    a = p.parse_args()
+    if a.what == 'tables':
+        print_tables(load_runs())
+    elif a.what == 'figures':
+        figures(load_runs(), a.out)
+    elif a.what == 'collect':
+        if len(a.inputs) != 2 or not a.stdout or not a.command:
+            p.error('collect needs OUT_DIR NAME --stdout FILE --command "..."')
+        collect(*a.inputs, a.stdout, a.command, a.eval, a.note)
+    else:
+        robustness(a.inputs, a.labels or a.inputs, a.out)
 
 
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('what', choices=('knn-vs-time', 'robustness', 'table'))
-    p.add_argument('inputs', nargs='+')
-    p.add_argument('--labels', nargs='+')
-    p.add_argument('-o', '--out')
-    a = p.parse_args()
-    labels = a.labels or a.inputs
-    if a.what == 'knn-vs-time':
-        knn_vs_time(a.inputs, labels, a.out)
-    elif a.what == 'robustness':
-        robustness(a.inputs, labels, a.out)
-    else:
-        table(a.inputs)
+    main()
