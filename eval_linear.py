@@ -392,7 +392,7 @@ def data_and_size(args, kind, backbone_args, train_args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('ckpt', nargs='?', help='ckpt.pt written by dilemma.py or co_byol.py')
-    p.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (the floor)')
+    p.add_argument('--random-init', action='store_true', help='evaluate an untrained backbone (the floor): with a checkpoint, its architecture on its data; alone, --model or --arch')
     p.add_argument('--model', default='vit_mini/4', help=f'ViT preset for --random-init (default: what dilemma.py trains at 32 px): {", ".join(vit.PRESETS)}')
     p.add_argument('--pos-embed', choices=('learned', 'sincos'), default='sincos', help='ViT positional embedding for --random-init')
     p.add_argument('--num-heads', type=int, default=None, help='heads of a ViT loaded from timm / DINO / MoCo v3 weights (not stored in them; default embed_dim / 64)')
@@ -433,6 +433,37 @@ def die(msg):
     sys.exit(2)
 
 
+def choose_backbone(args):
+    """(backbone, kind, backbone_args, the checkpoint's training args, a description) for the command
+    line: a checkpoint's trained backbone; with --random-init and a checkpoint, the same architecture
+    untrained (that checkpoint's own floor, on its data); --random-init alone, the --model / --arch preset."""
+    if not args.ckpt and not args.random_init:
+        die('give a checkpoint path, or --random-init (with a checkpoint: its architecture, untrained)')
+    if args.ckpt:
+        backbone, ckpt = load_checkpoint(args.ckpt, args.num_heads)
+        kind, backbone_args, train_args = ckpt['backbone_kind'], ckpt['backbone_args'], ckpt.get('args', {})
+        step = ckpt.get('step')
+        source = f'{args.ckpt} ({step})' if isinstance(step, str) else f'{args.ckpt} (step {step})'  # str: published weights
+        if args.random_init:  # seeded by --seed in main
+            backbone, source = build_backbone(kind, backbone_args), f'random init, the architecture of {args.ckpt}'
+        return backbone, kind, backbone_args, train_args, source
+    args.data = args.data or 'shapes'
+    img = args.img_size or data.default_img_size(args.data, args.data_path)
+    if args.arch:
+        if args.arch not in rf_resnet.PRESETS:
+            die(f"unknown arch '{args.arch}' (choose from {', '.join(rf_resnet.PRESETS)})")
+        if args.width <= 0:
+            die(f'--width must be positive, got {args.width}')
+        kind, backbone_args = 'rf_resnet', rf_resnet.preset_args(args.arch, width=args.width)
+    elif args.model not in vit.PRESETS:
+        die(f"unknown model '{args.model}' (choose from {', '.join(vit.PRESETS)})")
+    else:
+        kind, backbone_args = 'vit', vit.preset_args(args.model, img_size=img, pos_embed=args.pos_embed)
+        if img % backbone_args['patch_size']:
+            die(f"image size {img} is not divisible by the patch size {backbone_args['patch_size']}")
+    return build_backbone(kind, backbone_args), kind, backbone_args, {}, 'random init'
+
+
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
@@ -447,30 +478,7 @@ def main(argv=None):
         die('--device cuda but no CUDA device is available (use --device cpu)')
     args.dtype, args.dtype_reason = data.resolve_dtype(args.dtype, args.device)
 
-    if args.random_init == bool(args.ckpt):
-        die('give either a checkpoint path or --random-init')
-    train_args = {}
-    if args.ckpt:
-        backbone, ckpt = load_checkpoint(args.ckpt, args.num_heads)
-        kind, backbone_args, train_args = ckpt['backbone_kind'], ckpt['backbone_args'], ckpt.get('args', {})
-        step = ckpt.get('step')
-        source = f'{args.ckpt} ({step})' if isinstance(step, str) else f'{args.ckpt} (step {step})'  # str: published weights
-    else:
-        args.data = args.data or 'shapes'
-        img = args.img_size or data.default_img_size(args.data, args.data_path)
-        if args.arch:
-            if args.arch not in rf_resnet.PRESETS:
-                die(f"unknown arch '{args.arch}' (choose from {', '.join(rf_resnet.PRESETS)})")
-            if args.width <= 0:
-                die(f'--width must be positive, got {args.width}')
-            kind, backbone_args = 'rf_resnet', rf_resnet.preset_args(args.arch, width=args.width)
-        elif args.model not in vit.PRESETS:
-            die(f"unknown model '{args.model}' (choose from {', '.join(vit.PRESETS)})")
-        else:
-            kind, backbone_args = 'vit', vit.preset_args(args.model, img_size=img, pos_embed=args.pos_embed)
-            if img % backbone_args['patch_size']:
-                die(f"image size {img} is not divisible by the patch size {backbone_args['patch_size']}")
-        backbone, source = build_backbone(kind, backbone_args), 'random init'
+    backbone, kind, backbone_args, train_args, source = choose_backbone(args)
     img_size = data_and_size(args, kind, backbone_args, train_args)
     if args.robustness and args.probe_epochs <= 0:
         die('--robustness evaluates the linear probe: it needs --probe-epochs > 0')

@@ -84,7 +84,19 @@ def test_features_of_a_checkpoint_are_those_of_the_saved_model(tmp_path):
     torch.testing.assert_close(eval_linear.features(backbone.eval(), 'vit', x), model(x)[:, 0])
 
 
+def test_random_init_with_a_checkpoint_is_its_architecture_untrained_on_its_data(tmp_path):
+    trained = write_checkpoint(tmp_path / 'ckpt.pt')
+    args = eval_linear.get_args([str(tmp_path / 'ckpt.pt'), '--random-init'])
+    backbone, kind, backbone_args, train_args, source = eval_linear.choose_backbone(args)
+    assert (kind, backbone_args, train_args) == ('vit', vit.preset_args('vit_mini/4', depth=2), {'data': 'shapes'})
+    assert backbone.state_dict().keys() == trained.state_dict().keys() and len(backbone.blocks) == 2
+    assert not torch.equal(backbone.patch_embed.proj.weight, trained.patch_embed.proj.weight)  # fresh weights
+    assert source.startswith('random init')
+    assert eval_linear.data_and_size(args, kind, backbone_args, train_args) == 32 and args.data == 'shapes'
+
+
 @pytest.mark.parametrize('argv, message', [
+    ([], 'give a checkpoint path, or --random-init'),
     (['--random-init', '--data', 'mnist'], "unknown dataset 'mnist'"),
     (['--random-init', '--data', 'folder', '--data-path', '/no/such/dir'], 'existing folder'),
     (['--random-init', '--img-size', '30'], 'not divisible by the patch size 4'),
