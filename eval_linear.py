@@ -444,6 +444,7 @@ def choose_backbone(args):
         kind, backbone_args, train_args = ckpt['backbone_kind'], ckpt['backbone_args'], ckpt.get('args', {})
         step = ckpt.get('step')
         source = f'{args.ckpt} ({step})' if isinstance(step, str) else f'{args.ckpt} (step {step})'  # str: published weights
+        args.model = args.arch = args.pos_embed = None  # the checkpoint's (backbone_args), not the presets' flags
         if args.random_init:  # seeded by --seed in main
             backbone, source = build_backbone(kind, backbone_args), f'random init, the architecture of {args.ckpt}'
         return backbone, kind, backbone_args, train_args, source

@@ -67,8 +67,8 @@ def write_split(images, out, n_train, n_val):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.train_per_class < 1 or args.val_per_class < 0:
-        sys.exit('error: --train-per-class must be >= 1 and --val-per-class >= 0')
+    if args.train_per_class < 1 or args.val_per_class < 1:  # an empty val/ would stop the k-NN monitor
+        sys.exit('error: --train-per-class and --val-per-class must be >= 1')
     if os.path.exists(args.out):
         sys.exit(f'error: {args.out} exists; choose a new folder')
     images = from_folder(args.from_folder) if args.from_folder else from_torchvision(args.cifar_root, args.download)

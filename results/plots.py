@@ -1,5 +1,5 @@
-"""The tables and figures of RESULTS.md, rebuilt from results/runs/ alone (figures need matplotlib, which
-nothing else needs: pip install matplotlib).
+"""The study summary of RESULTS.md (cells over seeds, floors, owed cells) and its figures, rebuilt from
+results/runs/ alone (figures need matplotlib, which nothing else needs: pip install matplotlib).
 
     python results/plots.py tables                 # markdown: the study's cells (mean +/- std over seeds), floors, what is owed
     python results/plots.py figures                # results/knn_vs_time_<data>.png: k-NN against training time per method
@@ -8,9 +8,11 @@ nothing else needs: pip install matplotlib).
 
 A run is a folder results/runs/NAME/ with log.jsonl (the run's own log) and run.json (command, machine,
 wall time, the printed `config:`); `collect` makes one from a finished --out-dir and its saved stdout.
-Runs whose configurations differ only in --seed (and in flags that do not change training: paths,
-workers, logging) form one cell of a table. Training time is summed from the logged images/s, so it
-leaves out evaluation and checkpoints, as the scripts measure it; on a shared machine it is not a timing.
+Runs of the same data whose configurations differ only in --seed (and in flags that do not change
+training: paths, workers, logging) form one cell of the summary table. Training time is steps x the
+bench.py step time where run.json has "bench_step_ms", else summed from the logged images/s (evaluation
+and checkpoints left out, as the scripts measure it). The other tables of RESULTS.md (detection
+ablation, evaluations, speed) are made by the commands RESULTS.md gives with them.
 A run.json with "shared": true ran beside other jobs (its times are marked, not timings); one with
 "superseded" (why) is listed but kept out of the cells (e.g. made on an earlier data generator).
 """
@@ -30,7 +32,9 @@ RUNS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'runs')
 SEEDS_WANTED = 3
 # flags that do not change what is trained: runs differing only in these (and the seed) share a cell
 NOT_TRAINING = {'seed', 'out_dir', 'workers', 'log_every', 'eval_every', 'ckpt_every', 'print_config', 'dtype_reason',
-                'device', 'dist_timeout', 'skip_bad_images', 'data_path', 'download', 'compile', 'dtype', 'max_steps'}
+                'device', 'dist_timeout', 'skip_bad_images', 'data_path', 'download', 'compile', 'dtype',
+                'steps_per_epoch', 'total_steps'}  # the last two: derived from epochs, data and batch, in some runs' config
+ARM_FLAGS = {'dilemma_prob', 'drop_ratio', 'dilemma_weight', 'epochs', 'local_weight'}  # what an arm of a pair changes
 # the study's design: (script, method, data) x arms, each wanted with SEEDS_WANTED seeds
 DILEMMA_METHODS, STUDY_DATA = ('mocov3', 'dino', 'simclr', 'mae'), ('shapes', 'cifar10-45k')
 DILEMMA_ARMS, CO_BYOL_ARMS = ('baseline', '+ DILEMMA, equal epochs', '+ DILEMMA, equal time'), ('BYOL', 'CO-BYOL')
@@ -86,20 +90,36 @@ def cells(runs):
     for run in runs:
         if run['meta'].get('superseded'):
             continue
-        key = json.dumps({k: v for k, v in sorted(run['config'].items()) if k not in NOT_TRAINING})
+        key = json.dumps([describe(run['config'])[1], {k: v for k, v in sorted(run['config'].items()) if k not in NOT_TRAINING}])
         groups.setdefault(key, []).append(run)
     table = {}
     for members in groups.values():
         method, data, arm = describe(members[0]['config'])
         table.setdefault((method, data), []).append(dict(arm=arm, runs=members, config=members[0]['config']))
-    for (method, data), row in table.items():  # equal epochs / equal time, relative to the baseline's epochs
-        base = [c for c in row if c['arm'] == 'baseline']
-        for c in row:
-            if c['arm'] == '+ DILEMMA' and base:
-                same = abs(c['config']['epochs'] - base[0]['config']['epochs']) < 1e-9
-                c['arm'] += ', equal epochs' if same else ', equal time'
-        row.sort(key=lambda c: (c['arm'], c['config']['epochs']))
+    for row in table.values():
+        for c in row:  # flags besides the arm's own, where no cell of another arm shares them (an ablation)
+            diffs = [other_flags(c['config'], o['config']) for o in row if o['arm'] != c['arm']]
+            extra = {} if not diffs or not all(diffs) else diffs[0]
+            c['label'] = c['arm'] + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else '')
+        for c in row:  # equal epochs / equal time, against the baseline that differs only in the arm's flags
+            base = [b for b in row if b['arm'] == 'baseline' and not other_flags(c['config'], b['config'])]
+            if c['arm'] == '+ DILEMMA' and len(base) == 1:
+                c['label'] = c['arm'] + ', ' + pairing(c, base[0])
+        row.sort(key=lambda c: (c['label'], c['config']['epochs']))
     return table
+
+
+def other_flags(config, reference):
+    return {k: v for k, v in config.items() if k not in NOT_TRAINING | ARM_FLAGS and reference.get(k) != v}
+
+
+def pairing(cell, base):
+    """'equal epochs', 'equal time' (training times within 5%, from the bench step times) or 'E epochs'."""
+    if abs(cell['config']['epochs'] - base['config']['epochs']) < 1e-9:
+        return 'equal epochs'
+    times = [np.mean([training_seconds(r)[1][-1] for r in c['runs']]) for c in (cell, base)]
+    timed = all(r['meta'].get('bench_step_ms') for r in cell['runs'] + base['runs'])
+    return 'equal time' if timed and abs(times[0] / times[1] - 1) < 0.05 else f"{cell['config']['epochs']:g} epochs"
 
 
 def mean_std(values, digits=2):
@@ -117,7 +137,7 @@ def time_kind(runs):
     return ' (logged, shared machine: not a timing)' if any(r['meta'].get('shared') for r in runs) else ' (logged)'
 
 
-def print_tables(runs):
+def print_tables(runs, root=RUNS):
     table = cells(runs)
     print('| method | data | arm | epochs (steps) | seeds | k-NN top-1 | probe top-1 | detection AUROC (last log) | '
           'training time (min) | runs |')
@@ -126,29 +146,33 @@ def print_tables(runs):
         for c in row:
             rs = c['runs']
             auroc = [r['log'][-1].get('det_auroc') for r in rs]
-            print(f"| {method} | {data} | {c['arm']} | {c['config']['epochs']:g} ({rs[0]['log'][-1]['step']}) | "
+            print(f"| {method} | {data} | {c['label']} | {c['config']['epochs']:g} ({rs[0]['log'][-1]['step']}) | "
                   f"{len(rs)} ({', '.join(str(r['config']['seed']) for r in rs)}) | "
                   f"{mean_std([r['evals'][-1]['knn_top1'] if r['evals'] else None for r in rs])} | "
-                  f"{mean_std([r['eval']['probe_top1'] if r['eval'] else None for r in rs])} | "
+                  f"{mean_std([(r['eval'] or {}).get('probe_top1') for r in rs])} | "
                   f"{mean_std(auroc, 3)} | {mean_std([training_seconds(r)[1][-1] / 60 for r in rs], 1)}"
                   f"{time_kind(rs)} | "
                   f"{', '.join(r['name'] for r in rs)} |")
     print('\nRandom-init floors (`eval_linear.py --random-init`):\n')
     print('| file | model | data | k-NN top-1 | probe top-1 |\n|---|---|---|---|---|')
-    for path in sorted(glob.glob(os.path.join(RUNS, 'random_init_floors', '*.eval.json'))):
+    for path in sorted(glob.glob(os.path.join(root, 'random_init_floors', '*.eval.json'))):
         r = json.load(open(path))
         s = r['settings']
         data = os.path.basename(os.path.normpath(s['data_path'])) if s['data'] == 'folder' else s['data']
-        model = s['model'] if s.get('arch') is None else f"{s['arch']} x {s['width']}"
-        print(f"| {os.path.basename(path)} | {model} | {data} | {r['results']['knn_top1']:.2f} | {r['results']['probe_top1']:.2f} |")
+        a = s.get('backbone_args') or {}
+        model = (f"ViT {a.get('embed_dim')}-d, {a.get('depth')} blocks, patch {a.get('patch_size')}, {a.get('pos_embed')}"
+                 if s.get('kind', 'vit') == 'vit' and a else s.get('model')) if not s.get('arch') else f"{s['arch']} x {s['width']}"
+        print(f"| {os.path.basename(path)} | {model} | {data} | {mean_std([r['results']['knn_top1']])} | "
+              f"{mean_std([r['results'].get('probe_top1')])} |")
     superseded = [r for r in runs if r['meta'].get('superseded')]
     if superseded:
         print('\nKept out of the cells: ' + '; '.join(f"`{r['name']}` ({r['meta']['superseded']})" for r in superseded))
     print('\nStill owed (cells of the design with fewer than %d seeds):\n' % SEEDS_WANTED)
     wanted = [(m, d, a) for m in DILEMMA_METHODS for d in STUDY_DATA for a in DILEMMA_ARMS]
     wanted += [('co_byol', d, a) for d in STUDY_DATA for a in CO_BYOL_ARMS]
-    for method, data, arm in wanted:
-        have = sum(len(c['runs']) for c in table.get((method, data), []) if c['arm'] == arm)
+    for method, data, arm in wanted:  # the seeds of the best-filled cell with exactly this label
+        have = max([len({r['config']['seed'] for r in c['runs']}) for c in table.get((method, data), [])
+                    if c['label'] == arm] or [0])
         if have < SEEDS_WANTED:
             print(f'- {method} on {data}, {arm}: {have} of {SEEDS_WANTED} seeds')
 
@@ -168,7 +192,7 @@ def figures(runs, out_dir):
                     steps, times = training_seconds(run)
                     x = np.interp([e['step'] for e in run['evals']], steps, times) / 60
                     ax.plot(x, [e['knn_top1'] for e in run['evals']], marker='o', color=f'C{k}', alpha=0.8,
-                            label=f"{c['arm']} ({c['config']['epochs']:g} ep)" if j == 0 else None)
+                            label=f"{c['label']} ({c['config']['epochs']:g} ep)" if j == 0 else None)
             ax.set_title(f'{method} on {data}')
             ax.set_xlabel('training time (min)' + time_kind([r for c in table[(method, data)] for r in c['runs']]),
                           fontsize=7)
@@ -213,7 +237,7 @@ def machine():
                 torch=torch.__version__, omp_num_threads=os.environ.get('OMP_NUM_THREADS'))
 
 
-def collect(out_dir, name, stdout, command, eval_file, note):
+def collect(out_dir, name, stdout, command, eval_file, note, shared):
     """results/runs/NAME/{log.jsonl, run.json[, eval.json]} from a finished run's --out-dir and saved stdout
     (with `time`'s real line if it was timed). Machine paths become runs/NAME and DATA/<folder>."""
     lines = open(stdout, errors='replace').read().replace('\r', '\n').splitlines()
@@ -226,14 +250,18 @@ def collect(out_dir, name, stdout, command, eval_file, note):
     if config.get('data_path'):
         config['data_path'] = 'DATA/' + os.path.basename(os.path.normpath(config['data_path']))
     dest = os.path.join(RUNS, name)
-    os.makedirs(dest, exist_ok=True)
+    if os.path.exists(dest):
+        sys.exit(f'error: {dest} exists (remove it to collect the run again)')
+    os.makedirs(dest)
     shutil.copy(os.path.join(out_dir, 'log.jsonl'), os.path.join(dest, 'log.jsonl'))
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
     meta = dict(command=command, machine=machine(), dtype=config.get('dtype'), commit=commit,
                 wall=[l.strip() for l in lines if l.startswith('real')], note=note,
-                stdout_head=[l for l in lines[:3] if not l.startswith('config: ')], final=final[-1], config=config)
+                stdout_head=[l for l in lines[:3] if not l.startswith('config: ')], final=final[-1], config=config,
+                shared=shared)
     if eval_file:
         result = json.loads(open(eval_file).read().strip().splitlines()[-1])
+        result['settings'].update(ckpt=f'runs/{name}/ckpt.pt', data_path=config.get('data_path'))
         json.dump(result, open(os.path.join(dest, 'eval.json'), 'w'))
         meta['eval'] = 'eval.json: the last line of eval_linear.py on this run\'s ckpt.pt'
     json.dump(meta, open(os.path.join(dest, 'run.json'), 'w'), indent=1)
@@ -250,7 +278,8 @@ def main():
     p.add_argument('--stdout', help='collect: the saved output of the run')
     p.add_argument('--command', help='collect: the command that made the run')
     p.add_argument('--eval', help='collect: the saved output of eval_linear.py on the run')
-    p.add_argument('--note', default='', help='collect: e.g. whether the machine was shared')
+    p.add_argument('--note', default='', help='collect: anything a reader should know about the run')
+    p.add_argument('--shared', action='store_true', help='collect: the machine ran other jobs too (its times are not timings)')
     a = p.parse_args()
     if a.what == 'tables':
         print_tables(load_runs())
@@ -259,7 +288,7 @@ def main():
     elif a.what == 'collect':
         if len(a.inputs) != 2 or not a.stdout or not a.command:
             p.error('collect needs OUT_DIR NAME --stdout FILE --command "..."')
-        collect(*a.inputs, a.stdout, a.command, a.eval, a.note)
+        collect(*a.inputs, a.stdout, a.command, a.eval, a.note, a.shared)
     else:
         robustness(a.inputs, a.labels or a.inputs, a.out)
 

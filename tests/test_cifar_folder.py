@@ -26,8 +26,9 @@ def test_split_from_a_folder_takes_the_first_n_then_the_next_m_per_class(tmp_pat
     assert listing(out, 'train') == {c: [f'{i:04d}.jpg' for i in range(4)] for c in ('cat', 'dog')}
     assert listing(out, 'val') == {c: [f'{i:04d}.jpg' for i in range(2)] for c in ('cat', 'dog')}
     # val holds source images 4 and 5 (the next two), never one of train's
-    targets = [os.path.basename(os.readlink(os.path.join(out, 'val', 'cat', f))) for f in listing(out, 'val')['cat']]
-    assert targets == ['0004.jpg', '0005.jpg']
+    link = lambda split, f: os.path.basename(os.readlink(os.path.join(out, split, 'cat', f)))
+    assert [link('train', f) for f in listing(out, 'train')['cat']] == ['0000.jpg', '0001.jpg', '0002.jpg', '0003.jpg']
+    assert [link('val', f) for f in listing(out, 'val')['cat']] == ['0004.jpg', '0005.jpg']
     train_set = data.build_dataset('folder', out, 'train', None)
     val_set = data.build_dataset('folder', out, 'val', None)
     assert len(train_set) == 8 and len(val_set) == 4

@@ -1,0 +1,58 @@
+"""results/plots.py: runs grouped into the study's cells, mean +/- std over seeds, what is owed."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results'))
+import plots  # noqa: E402
+
+DINO = dict(method='dino', data='shapes', data_path=None, dilemma_prob=0.0, dilemma_weight=1.0, drop_ratio=0.0,
+            epochs=3, batch_size=64, lr=1e-3, seed=0, out_dir='x', workers=2)
+
+
+def make_run(root, name, knn, probe=None, bench_ms=None, **overrides):
+    folder = root / name
+    folder.mkdir()
+    config = dict(DINO, **overrides)
+    steps = [20, 40]
+    with open(folder / 'log.jsonl', 'w') as f:
+        for step in steps:
+            f.write(json.dumps({'step': step, 'loss': 1.0, 'images_per_s': 64.0}) + '\n')  # 1 s a step
+        f.write(json.dumps({'step': 40, 'knn_top1': knn, 'knn_top5': 90.0}) + '\n')
+    meta = dict(command='...', config=config, **({'bench_step_ms': bench_ms} if bench_ms else {}))
+    json.dump(meta, open(folder / 'run.json', 'w'))
+    if probe is not None or name.endswith('noprobe'):
+        json.dump({'results': {'knn_top1': knn, **({'probe_top1': probe} if probe is not None else {})}},
+                  open(folder / 'eval.json', 'w'))
+
+
+def test_seeds_pool_into_one_cell_and_other_data_or_flags_do_not(tmp_path, capsys):
+    make_run(tmp_path, 'base_s0', 30.0, probe=31.0, bench_ms=1000)
+    make_run(tmp_path, 'base_s1', 32.0, probe=33.0, bench_ms=1000, seed=1, out_dir='y', workers=8)
+    make_run(tmp_path, 'dil_s0', 34.0, bench_ms=750, dilemma_prob=0.2, drop_ratio=0.5)
+    make_run(tmp_path, 'dil_time_s0', 33.0, bench_ms=1000, dilemma_prob=0.2, drop_ratio=0.5, epochs=4)  # same time
+    make_run(tmp_path, 'dil_long_s0', 33.0, bench_ms=750, dilemma_prob=0.2, drop_ratio=0.5, epochs=5)  # 25% less
+    make_run(tmp_path, 'dil_lr_s0', 20.0, dilemma_prob=0.2, drop_ratio=0.5, lr=4e-3)
+    make_run(tmp_path, 'base_c10_noprobe', 40.0, data='folder', data_path='/somewhere/cifar10-45k')
+    make_run(tmp_path, 'base_c10b', 41.0, data='folder', data_path='/somewhere/cifar10-6k')
+    table = plots.cells(plots.load_runs(str(tmp_path)))
+    shapes = {c['label']: sorted(r['name'] for r in c['runs']) for c in table[('dino', 'shapes')]}
+    assert shapes == {'baseline': ['base_s0', 'base_s1'], '+ DILEMMA, equal epochs': ['dil_s0'],
+                      '+ DILEMMA, equal time': ['dil_time_s0'], '+ DILEMMA, 5 epochs': ['dil_long_s0'],
+                      '+ DILEMMA (lr=0.004)': ['dil_lr_s0']}
+    assert [len(table[('dino', d)]) for d in ('cifar10-45k', 'cifar10-6k')] == [1, 1]
+    assert plots.mean_std([30.0, 32.0]) == '31.00 +/- 1.41' and plots.mean_std([None]) == '-'
+    plots.print_tables(plots.load_runs(str(tmp_path)), root=str(tmp_path))  # an eval.json without a probe is fine
+    out = capsys.readouterr().out
+    assert '| dino | shapes | baseline | 3 (40) | 2 (0, 1) | 31.00 +/- 1.41 | 32.00 +/- 1.41 |' in out
+    assert '- dino on shapes, baseline: 2 of 3 seeds' in out
+    assert '- dino on shapes, + DILEMMA, equal epochs: 1 of 3 seeds' in out  # the lr ablation is not counted
+    assert '- dino on cifar10-45k, baseline: 1 of 3 seeds' in out
+
+
+def test_training_time_is_steps_times_the_bench_step_time_when_known(tmp_path):
+    make_run(tmp_path, 'a', 30.0, bench_ms=500)
+    make_run(tmp_path, 'b', 30.0)
+    a, b = plots.load_runs(str(tmp_path))
+    assert plots.training_seconds(a) == ([0, 20, 40], [0.0, 10.0, 20.0])
+    assert plots.training_seconds(b) == ([0, 20, 40], [0.0, 20.0, 40.0])  # 64 images at 64 images/s a step
