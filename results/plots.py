@@ -255,7 +255,7 @@ def collect(out_dir, name, stdout, command, eval_file, note, shared):
     os.makedirs(dest)
     shutil.copy(os.path.join(out_dir, 'log.jsonl'), os.path.join(dest, 'log.jsonl'))
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
-    meta = dict(command=command, machine=machine(), dtype=config.get('dtype'), commit=commit,
+    meta = dict(command=command, machine=machine(), dtype=config.get('dtype'), collected_at_commit=commit,
                 wall=[l.strip() for l in lines if l.startswith('real')], note=note,
                 stdout_head=[l for l in lines[:3] if not l.startswith('config: ')], final=final[-1], config=config,
                 shared=shared)
