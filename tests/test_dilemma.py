@@ -458,6 +458,23 @@ def test_ddp_processes_draw_different_corruptions(tmp_path):
         torch.testing.assert_close(p0[k], p1[k], rtol=0, atol=0, msg=k)
 
 
+def test_main_seeds_each_process_to_draw_its_own_corruptions(tmp_path, image_folder):
+    """Through dilemma.py's main under torchrun (not a test's own seeding): same --seed, 2 processes, and
+    each draws different kept tokens and wrong positions at each step."""
+    out = str(tmp_path / 'drawn')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'tests', 'record_corruptions.py'), out, '--method', 'simclr', '--model', 'vit_micro/4',
+           '--batch-size', '8', '--workers', '0', '--dtype', 'fp32', '--device', 'cpu', '--proj-hidden', '32',
+           '--max-steps', '2', '--eval-every', '100', '--data', 'folder', '--data-path', image_folder,
+           '--out-dir', str(tmp_path / 'run')]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = (torch.load(f'{out}.{r}')[:2] for r in range(2))  # the two training steps (the figure comes last)
+    for (k0, pos0), (k1, pos1) in zip(rank0, rank1):
+        assert k0.shape == k1.shape == (8, 32)  # 4 images x 2 views per process, half of 64 tokens kept
+        assert not torch.equal(k0, k1) and not torch.equal(pos0, pos1)
+
+
 def test_torchrun_two_processes_complete_a_run(tmp_path, image_folder):
     out = str(tmp_path / 'ddp')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
