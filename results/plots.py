@@ -114,12 +114,23 @@ def other_flags(config, reference):
 
 
 def pairing(cell, base):
-    """'equal epochs', 'equal time' (training times within 5%, from the bench step times) or 'E epochs'."""
+    """'equal epochs', 'equal time' (training times within 5%, from the bench step times) or 'E epochs'.
+    'equal epochs = equal time' where every run of both cells says in run.json ("equal_time", why) that the
+    arms' steps cost the same: MAE, whose DILEMMA step does the same FLOPs and whose measured step-time
+    ratio is within its timing noise, so one pair of runs fills both arms."""
     if abs(cell['config']['epochs'] - base['config']['epochs']) < 1e-9:
-        return 'equal epochs'
+        same_cost = all(r['meta'].get('equal_time') for r in cell['runs'] + base['runs'])
+        return 'equal epochs = equal time' if same_cost else 'equal epochs'
     times = [np.mean([training_seconds(r)[1][-1] for r in c['runs']]) for c in (cell, base)]
     timed = all(r['meta'].get('bench_step_ms') for r in cell['runs'] + base['runs'])
     return 'equal time' if timed and abs(times[0] / times[1] - 1) < 0.05 else f"{cell['config']['epochs']:g} epochs"
+
+
+def fills_both(label):
+    """The two arms a cell labelled '+ DILEMMA, equal epochs = equal time' stands for (else none)."""
+    if not label.endswith('equal epochs = equal time'):
+        return ()
+    return tuple(label.replace('equal epochs = equal time', kind) for kind in ('equal epochs', 'equal time'))
 
 
 def mean_std(values, digits=2):
@@ -172,7 +183,7 @@ def print_tables(runs, root=RUNS):
     wanted += [('co_byol', d, a) for d in STUDY_DATA for a in CO_BYOL_ARMS]
     for method, data, arm in wanted:  # the seeds of the best-filled cell with exactly this label
         have = max([len({r['config']['seed'] for r in c['runs']}) for c in table.get((method, data), [])
-                    if c['label'] == arm] or [0])
+                    if arm in (c['label'], *fills_both(c['label']))] or [0])
         if have < SEEDS_WANTED:
             print(f'- {method} on {data}, {arm}: {have} of {SEEDS_WANTED} seeds')
 

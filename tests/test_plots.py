@@ -10,7 +10,7 @@ DINO = dict(method='dino', data='shapes', data_path=None, dilemma_prob=0.0, dile
             epochs=3, batch_size=64, lr=1e-3, seed=0, out_dir='x', workers=2)
 
 
-def make_run(root, name, knn, probe=None, bench_ms=None, **overrides):
+def make_run(root, name, knn, probe=None, bench_ms=None, equal_time=None, **overrides):
     folder = root / name
     folder.mkdir()
     config = dict(DINO, **overrides)
@@ -19,7 +19,8 @@ def make_run(root, name, knn, probe=None, bench_ms=None, **overrides):
         for step in steps:
             f.write(json.dumps({'step': step, 'loss': 1.0, 'images_per_s': 64.0}) + '\n')  # 1 s a step
         f.write(json.dumps({'step': 40, 'knn_top1': knn, 'knn_top5': 90.0}) + '\n')
-    meta = dict(command='...', config=config, **({'bench_step_ms': bench_ms} if bench_ms else {}))
+    meta = dict(command='...', config=config, **({'bench_step_ms': bench_ms} if bench_ms else {}),
+                **({'equal_time': equal_time} if equal_time else {}))
     json.dump(meta, open(folder / 'run.json', 'w'))
     if probe is not None or name.endswith('noprobe'):
         json.dump({'results': {'knn_top1': knn, **({'probe_top1': probe} if probe is not None else {})}},
@@ -56,3 +57,22 @@ def test_training_time_is_steps_times_the_bench_step_time_when_known(tmp_path):
     a, b = plots.load_runs(str(tmp_path))
     assert plots.training_seconds(a) == ([0, 20, 40], [0.0, 10.0, 20.0])
     assert plots.training_seconds(b) == ([0, 20, 40], [0.0, 20.0, 40.0])  # 64 images at 64 images/s a step
+
+
+def test_a_pair_of_equal_cost_fills_equal_epochs_and_equal_time_only_when_every_run_says_so(tmp_path, capsys):
+    mae = dict(method='mae', drop_ratio=0.75, epochs=20)
+    why = 'same FLOPs; step-time ratio within the timing noise'
+    for seed in (0, 1, 2):
+        make_run(tmp_path, f'base_s{seed}', 30.0 + seed, bench_ms=1000, equal_time=why, seed=seed, **mae)
+        make_run(tmp_path, f'dil_s{seed}', 31.0 + seed, bench_ms=1000, equal_time=why, seed=seed, dilemma_prob=0.2, **mae)
+    make_run(tmp_path, 'dil_unsaid', 31.0, bench_ms=1000, dilemma_prob=0.2, lr=2e-3, **mae)
+    make_run(tmp_path, 'base_unsaid', 31.0, bench_ms=1000, lr=2e-3, **mae)
+    labels = {c['label']: sorted(r['name'] for r in c['runs']) for c in plots.cells(plots.load_runs(str(tmp_path)))[('mae', 'shapes')]}
+    assert labels['+ DILEMMA, equal epochs = equal time'] == ['dil_s0', 'dil_s1', 'dil_s2']
+    assert labels['+ DILEMMA, equal epochs'] == ['dil_unsaid']  # no run.json says the costs are equal: epochs only
+    plots.print_tables(plots.load_runs(str(tmp_path)), root=str(tmp_path))
+    out = capsys.readouterr().out
+    assert '- mae on shapes, baseline:' not in out
+    assert '- mae on shapes, + DILEMMA, equal epochs:' not in out and '- mae on shapes, + DILEMMA, equal time:' not in out
+    assert '- mae on cifar10-45k, + DILEMMA, equal time: 0 of 3 seeds' in out
+    assert plots.fills_both('+ DILEMMA, equal epochs') == ()
