@@ -728,7 +728,9 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     if master:
-        print(f'{args.method} + DILEMMA (p={args.dilemma_prob}, drop={args.drop_ratio}, lambda={args.dilemma_weight}) '
+        what = (f'+ DILEMMA (p={args.dilemma_prob}, drop={args.drop_ratio}, lambda={args.dilemma_weight})'
+                if args.dilemma_prob > 0 and args.dilemma_weight > 0 else f'without DILEMMA (no detection head, drop={args.drop_ratio})')
+        print(f'{args.method} {what} '
               f'on {args.data} at {args.img_size} px, {args.model}, {sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M '
               f'trainable parameters, {world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')
         print(f'global batch {args.batch_size} ({micro_batch} per process x {world} x {args.accum_steps} accumulation), '

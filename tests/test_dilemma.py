@@ -283,9 +283,11 @@ def read_log(out):
 
 @pytest.mark.parametrize('method', dilemma.METHODS)
 @pytest.mark.parametrize('on', [True, False])
-def test_each_method_runs_a_few_steps(method, on, tmp_path, image_folder):
+def test_each_method_runs_a_few_steps(method, on, tmp_path, image_folder, capsys):
     off = ['--dilemma-prob', '0'] + ([] if method == 'mae' else ['--drop-ratio', '0'])
     out, result = train(tmp_path, 'run', '--method', method, '--max-steps', '3', *([] if on else off), folder=image_folder)
+    header = capsys.readouterr().out.splitlines()[0]  # says whether detection is trained, not '+ DILEMMA (p=0.0 ...)'
+    assert header.startswith(f'{method} + DILEMMA (p=0.2' if on else f'{method} without DILEMMA (no detection head')
     steps = [r for r in read_log(out) if 'loss' in r]
     assert [r['step'] for r in steps] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r['loss'])) for r in steps)
