@@ -194,15 +194,17 @@ def figures(runs, out_dir):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     table = cells(runs)
+    labels = sorted({c['label'] for row in table.values() for c in row})
+    colour = {label: f'C{i % 10}' for i, label in enumerate(labels)}  # one colour per arm in every panel
     for data in sorted({d for _, d in table}):
         methods = sorted(m for m, d in table if d == data)
         fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False)
         for ax, method in zip(axes[0], methods):
-            for k, c in enumerate(table[(method, data)]):
+            for c in table[(method, data)]:
                 for j, run in enumerate(c['runs']):
                     steps, times = training_seconds(run)
                     x = np.interp([e['step'] for e in run['evals']], steps, times) / 60
-                    ax.plot(x, [e['knn_top1'] for e in run['evals']], marker='o', color=f'C{k}', alpha=0.8,
+                    ax.plot(x, [e['knn_top1'] for e in run['evals']], marker='o', color=colour[c['label']], alpha=0.8,
                             label=f"{c['label']} ({c['config']['epochs']:g} ep)" if j == 0 else None)
             ax.set_title(f'{method} on {data}')
             ax.set_xlabel('training time (min)' + time_kind([r for c in table[(method, data)] for r in c['runs']]),
