@@ -258,6 +258,11 @@ def base_rate_entropy(p):
     return 0.0 if p <= 0 or p >= 1 else -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
 
+def trains_detection(args):
+    """Whether the run has a detection head with a loss on it (p > 0 and lambda > 0)."""
+    return args.dilemma_prob > 0 and args.dilemma_weight > 0
+
+
 class DilemmaEncoder(nn.Module):
     """The student ViT with DILEMMA: one sparse, corrupted pass serves the method (tokens) and the
     detection loss. With drop_ratio = 0 and p = 0 it is the plain dense ViT, untouched."""
@@ -679,7 +684,7 @@ def evaluate(model, knn, args, step, dtype, master):
 def log_record(step, means, seconds, steps, args, train_set, ddp):
     """One log.jsonl line from the mean of STATS over the last `steps` steps."""
     record = {'step': step, **dict(zip(STATS[:2], means[:2])), 'images_per_s': steps * args.batch_size / seconds}
-    if args.dilemma_prob > 0 and args.dilemma_weight > 0:  # the head exists: detection on corrupted (DINO: global) crops
+    if trains_detection(args):  # detection on corrupted (DINO: global) crops
         record.update(zip(STATS[2:], means[2:]), det_info=base_rate_entropy(args.dilemma_prob) - means[2])  # nats below H(p)
     if args.skip_bad_images:
         record['skipped_images'] = data.skipped_images(train_set, args.device, ddp)
@@ -729,7 +734,7 @@ def main(argv=None):
         model = torch.compile(model)
     if master:
         what = (f'+ DILEMMA (p={args.dilemma_prob}, drop={args.drop_ratio}, lambda={args.dilemma_weight})'
-                if args.dilemma_prob > 0 and args.dilemma_weight > 0 else f'without DILEMMA (no detection head, drop={args.drop_ratio})')
+                if trains_detection(args) else f'without DILEMMA (no detection head, drop={args.drop_ratio})')
         print(f'{args.method} {what} '
               f'on {args.data} at {args.img_size} px, {args.model}, {sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M '
               f'trainable parameters, {world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')

@@ -103,8 +103,11 @@ def cells(runs):
             c['label'] = c['arm'] + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else '')
         for c in row:  # equal epochs / equal time, against the baseline that differs only in the arm's flags
             base = [b for b in row if b['arm'] == 'baseline' and not other_flags(c['config'], b['config'])]
+            c['fills'] = [c['label']]  # the arms of the design this cell counts for
             if c['arm'] == '+ DILEMMA' and len(base) == 1:
                 c['label'] = c['arm'] + ', ' + pairing(c, base[0])
+                kinds = c['label'].split(', ')[1].split(' = ')  # 'equal epochs = equal time' counts for both
+                c['fills'] = [f"{c['arm']}, {kind}" for kind in kinds]
         row.sort(key=lambda c: (c['label'], c['config']['epochs']))
     return table
 
@@ -124,13 +127,6 @@ def pairing(cell, base):
     times = [np.mean([training_seconds(r)[1][-1] for r in c['runs']]) for c in (cell, base)]
     timed = all(r['meta'].get('bench_step_ms') for r in cell['runs'] + base['runs'])
     return 'equal time' if timed and abs(times[0] / times[1] - 1) < 0.05 else f"{cell['config']['epochs']:g} epochs"
-
-
-def fills_both(label):
-    """The two arms a cell labelled '+ DILEMMA, equal epochs = equal time' stands for (else none)."""
-    if not label.endswith('equal epochs = equal time'):
-        return ()
-    return tuple(label.replace('equal epochs = equal time', kind) for kind in ('equal epochs', 'equal time'))
 
 
 def mean_std(values, digits=2):
@@ -181,9 +177,9 @@ def print_tables(runs, root=RUNS):
     print('\nStill owed (cells of the design with fewer than %d seeds):\n' % SEEDS_WANTED)
     wanted = [(m, d, a) for m in DILEMMA_METHODS for d in STUDY_DATA for a in DILEMMA_ARMS]
     wanted += [('co_byol', d, a) for d in STUDY_DATA for a in CO_BYOL_ARMS]
-    for method, data, arm in wanted:  # the seeds of the best-filled cell with exactly this label
+    for method, data, arm in wanted:  # the seeds of the best-filled cell that counts for this arm
         have = max([len({r['config']['seed'] for r in c['runs']}) for c in table.get((method, data), [])
-                    if arm in (c['label'], *fills_both(c['label']))] or [0])
+                    if arm in c['fills']] or [0])
         if have < SEEDS_WANTED:
             print(f'- {method} on {data}, {arm}: {have} of {SEEDS_WANTED} seeds')
 
