@@ -258,6 +258,11 @@ def collect(out_dir, name, stdout, command, eval_file, note, shared):
     config['out_dir'] = f'runs/{name}'
     if config.get('data_path'):
         config['data_path'] = 'DATA/' + os.path.basename(os.path.normpath(config['data_path']))
+    if eval_file:  # its last JSON line (a `time` report may follow it)
+        json_lines = [l for l in open(eval_file).read().splitlines() if l.startswith('{')]
+        if not json_lines:
+            sys.exit(f'error: {eval_file} has no JSON line; did eval_linear.py finish?')
+        result = json.loads(json_lines[-1])
     dest = os.path.join(RUNS, name)
     if os.path.exists(dest):
         sys.exit(f'error: {dest} exists (remove it to collect the run again)')
@@ -269,7 +274,6 @@ def collect(out_dir, name, stdout, command, eval_file, note, shared):
                 stdout_head=[l for l in lines[:3] if not l.startswith('config: ')], final=final[-1], config=config,
                 shared=shared)
     if eval_file:
-        result = json.loads(open(eval_file).read().strip().splitlines()[-1])
         result['settings'].update(ckpt=f'runs/{name}/ckpt.pt', data_path=config.get('data_path'))
         json.dump(result, open(os.path.join(dest, 'eval.json'), 'w'))
         meta['eval'] = 'eval.json: the last line of eval_linear.py on this run\'s ckpt.pt'

@@ -87,3 +87,29 @@ def test_a_pair_at_equal_epochs_without_the_equal_cost_reason_leaves_equal_time_
     assert '| mae | shapes | + DILEMMA, equal epochs | 20 (40) | 3 (0, 1, 2) |' in out
     assert '- mae on shapes, + DILEMMA, equal epochs:' not in out
     assert '- mae on shapes, + DILEMMA, equal time: 0 of 3 seeds' in out
+
+
+def test_collect_reads_a_timed_eval_and_writes_nothing_when_the_eval_has_no_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, 'RUNS', str(tmp_path / 'runs'))
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'log.jsonl').write_text(json.dumps({'step': 40, 'knn_top1': 33.0, 'knn_top5': 90.0}) + '\n')
+    stdout = tmp_path / 'train.out'
+    stdout.write_text('header\nconfig: ' + json.dumps(dict(DINO, out_dir=str(out))) + '\n'
+                      'final k-NN top-1 33.00 (top-5 90.00) at step 40\n\nreal\t1m2.000s\n')
+    timed_eval = tmp_path / 'eval.out'  # `{ time python eval_linear.py ...; } > FILE 2>&1`: the JSON is not last
+    timed_eval.write_text('k-NN 33.00\n' + json.dumps({'results': {'knn_top1': 33.0, 'probe_top1': 35.0},
+                                                       'settings': {}}) + '\n\nreal\t0m5.000s\nuser\t0m4.000s\n')
+    plots.collect(str(out), 'r', str(stdout), 'python dilemma.py ...', str(timed_eval), '', True)
+    dest = tmp_path / 'runs' / 'r'
+    assert json.load(open(dest / 'eval.json'))['results']['probe_top1'] == 35.0
+    meta = json.load(open(dest / 'run.json'))
+    assert meta['wall'] == ['real\t1m2.000s'] and meta['config']['out_dir'] == 'runs/r'
+    unfinished = tmp_path / 'unfinished.out'
+    unfinished.write_text('k-NN 33.00\n')
+    try:
+        plots.collect(str(out), 'r2', str(stdout), '...', str(unfinished), '', True)
+        raise AssertionError('collect accepted an eval without a result')
+    except SystemExit as e:
+        assert 'no JSON line' in str(e)
+    assert not (tmp_path / 'runs' / 'r2').exists()  # nothing half-written to commit by mistake
