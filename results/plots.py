@@ -276,7 +276,7 @@ def collect(out_dir, name, stdout, command, eval_file, note, shared):
     if eval_file:
         result['settings'].update(ckpt=f'runs/{name}/ckpt.pt', data_path=config.get('data_path'))
         json.dump(result, open(os.path.join(dest, 'eval.json'), 'w'))
-        meta['eval'] = 'eval.json: the last line of eval_linear.py on this run\'s ckpt.pt'
+        meta['eval'] = 'eval.json: the last JSON line of eval_linear.py on this run\'s ckpt.pt'
     json.dump(meta, open(os.path.join(dest, 'run.json'), 'w'), indent=1)
     print('wrote', dest)
 
