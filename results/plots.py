@@ -4,7 +4,7 @@ results/runs/ alone (figures need matplotlib, which nothing else needs: pip inst
     python results/plots.py tables                 # markdown: the study's cells (mean +/- std over seeds), floors, what is owed
     python results/plots.py figures                # results/knn_vs_time_<data>.png: k-NN against training time per method
     python results/plots.py collect OUT_DIR NAME --stdout FILE --command "..." [--eval FILE] [--note "..."]
-    python results/plots.py robustness EVAL_JSON... --labels A B -o results/robustness.png
+    python results/plots.py robustness EVAL_JSON... --labels A A B B -o results/robustness.png  # same label: seeds pooled
 
 A run is a folder results/runs/NAME/ with log.jsonl (the run's own log) and run.json (command, machine,
 wall time, the printed `config:`); `collect` makes one from a finished --out-dir and its saved stdout.
@@ -215,21 +215,36 @@ def figures(runs, out_dir):
 
 
 def robustness(files, labels, out):
+    """Probe top-1 under each corruption: files with the same label (seeds) pool into mean +/- std.
+    Prints the markdown table and, unless out is None, writes the figure (mean, error bar = sample std)."""
+    results = {}
+    for f, label in zip(files, labels):
+        results.setdefault(label, []).append(json.loads(open(f).read().strip().splitlines()[-1])['results']['robustness'])
+    first = next(iter(results.values()))[0]
+    kinds = list(first)
+    print('| method (seeds) | ' + ' | '.join(f"{k} {' / '.join(first[k])}" for k in kinds) + ' |')
+    print('|---' * (len(kinds) + 1) + '|')
+    for label, runs in results.items():
+        cells = [' / '.join(mean_std([r[k][s] for r in runs], 1) for s in first[k]) for k in kinds]
+        print(f'| {label} ({len(runs)}) | ' + ' | '.join(cells) + ' |')
+    if out is None:
+        return
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    results = [json.loads(open(f).read().strip().splitlines()[-1])['results']['robustness'] for f in files]
-    kinds = list(results[0])
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.2), sharey=True)
     for ax, kind in zip(axes, kinds):
-        for r, label in zip(results, labels):
-            strengths = list(r[kind])
-            ax.plot(range(len(strengths)), [r[kind][s] for s in strengths], marker='o', label=label)
+        strengths = list(first[kind])
+        for label, runs in results.items():
+            values = np.array([[r[kind][s] for s in strengths] for r in runs])
+            std = values.std(0, ddof=1) if len(runs) > 1 else None
+            ax.errorbar(range(len(strengths)), values.mean(0), yerr=std, marker='o', capsize=3,
+                        label=f'{label} ({len(runs)} seed{"s" * (len(runs) > 1)})')
         ax.set_xticks(range(len(strengths)), strengths)
         ax.set_title(kind)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('linear-probe top-1 (%)')
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -286,7 +301,7 @@ def main():
                                 epilog=__doc__.split('\n\n', 1)[1])
     p.add_argument('what', choices=('tables', 'figures', 'collect', 'robustness'))
     p.add_argument('inputs', nargs='*', help='collect: OUT_DIR NAME; robustness: eval JSON files')
-    p.add_argument('--labels', nargs='+')
+    p.add_argument('--labels', nargs='+', help='robustness: one per file; files sharing a label are pooled (seeds)')
     p.add_argument('-o', '--out', default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument('--stdout', help='collect: the saved output of the run')
     p.add_argument('--command', help='collect: the command that made the run')
@@ -303,6 +318,8 @@ def main():
             p.error('collect needs OUT_DIR NAME --stdout FILE --command "..."')
         collect(*a.inputs, a.stdout, a.command, a.eval, a.note, a.shared)
     else:
+        if not a.inputs or (a.labels and len(a.labels) != len(a.inputs)):
+            p.error('robustness needs EVAL_JSON files and, if --labels is given, one label per file')
         robustness(a.inputs, a.labels or a.inputs, a.out)
 
 

@@ -112,3 +112,20 @@ def test_collect_reads_a_timed_eval_and_writes_nothing_when_the_eval_has_no_resu
     with pytest.raises(SystemExit, match='no JSON line'):
         plots.collect(str(out), 'r2', str(stdout), '...', str(unfinished), '', True)
     assert not (tmp_path / 'runs' / 'r2').exists()  # nothing half-written to commit by mistake
+
+
+def test_robustness_pools_files_with_one_label_into_mean_and_std(tmp_path, capsys):
+    files = []
+    for i, (label, clean, noisy) in enumerate([('A', 40.0, 30.0), ('A', 44.0, 20.0), ('B', 35.0, 25.0)]):
+        path = tmp_path / f'eval{i}.json'
+        rob = {'noise': {'0': clean, '0.1': noisy}, 'fgsm': {'1/255': noisy / 10}}
+        path.write_text('progress line\n' + json.dumps({'results': {'robustness': rob}}) + '\n')
+        files.append(str(path))
+    plots.robustness(files, ['A', 'A', 'B'], None)  # the table alone: no matplotlib needed
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == '| method (seeds) | noise 0 / 0.1 | fgsm 1/255 |'
+    assert rows[2] == '| A (2) | 42.0 +/- 2.8 / 25.0 +/- 7.1 | 2.5 +/- 0.7 |'  # std of (40, 44) is 2.83
+    assert rows[3] == '| B (1) | 35.0 / 25.0 | 2.5 |'
+    pytest.importorskip('matplotlib')
+    plots.robustness(files, ['A', 'A', 'B'], str(tmp_path / 'fig.png'))
+    assert (tmp_path / 'fig.png').stat().st_size > 0
