@@ -320,7 +320,8 @@ def main():
     else:
         if not a.inputs or (a.labels and len(a.labels) != len(a.inputs)):
             p.error('robustness needs EVAL_JSON files and, if --labels is given, one label per file')
-        robustness(a.inputs, a.labels or a.inputs, a.out)
+        out = os.path.join(a.out, 'robustness.png') if os.path.isdir(a.out) else a.out
+        robustness(a.inputs, a.labels or a.inputs, out)
 
 
 if __name__ == '__main__':
