@@ -214,12 +214,20 @@ def figures(runs, out_dir):
         print('wrote', path)
 
 
+def eval_result(path):
+    """The last JSON line of eval_linear.py's output (progress lines precede it, a `time` report may follow)."""
+    json_lines = [l for l in open(path).read().splitlines() if l.startswith('{')]
+    if not json_lines:
+        sys.exit(f'error: {path} has no JSON line; did eval_linear.py finish?')
+    return json.loads(json_lines[-1])
+
+
 def robustness(files, labels, out):
     """Probe top-1 under each corruption: files with the same label (seeds) pool into mean +/- std.
     Prints the markdown table and, unless out is None, writes the figure (mean, error bar = sample std)."""
     results = {}
     for f, label in zip(files, labels):
-        results.setdefault(label, []).append(json.loads(open(f).read().strip().splitlines()[-1])['results']['robustness'])
+        results.setdefault(label, []).append(eval_result(f)['results']['robustness'])
     first = next(iter(results.values()))[0]
     kinds = list(first)
     print('| method (seeds) | ' + ' | '.join(f"{k} {' / '.join(first[k])}" for k in kinds) + ' |')
@@ -273,11 +281,8 @@ def collect(out_dir, name, stdout, command, eval_file, note, shared):
     config['out_dir'] = f'runs/{name}'
     if config.get('data_path'):
         config['data_path'] = 'DATA/' + os.path.basename(os.path.normpath(config['data_path']))
-    if eval_file:  # its last JSON line (a `time` report may follow it)
-        json_lines = [l for l in open(eval_file).read().splitlines() if l.startswith('{')]
-        if not json_lines:
-            sys.exit(f'error: {eval_file} has no JSON line; did eval_linear.py finish?')
-        result = json.loads(json_lines[-1])
+    if eval_file:
+        result = eval_result(eval_file)
     dest = os.path.join(RUNS, name)
     if os.path.exists(dest):
         sys.exit(f'error: {dest} exists (remove it to collect the run again)')

@@ -119,7 +119,7 @@ def test_robustness_pools_files_with_one_label_into_mean_and_std(tmp_path, capsy
     for i, (label, clean, noisy) in enumerate([('A', 40.0, 30.0), ('A', 44.0, 20.0), ('B', 35.0, 25.0)]):
         path = tmp_path / f'eval{i}.json'
         rob = {'noise': {'0': clean, '0.1': noisy}, 'fgsm': {'1/255': noisy / 10}}
-        path.write_text('progress line\n' + json.dumps({'results': {'robustness': rob}}) + '\n')
+        path.write_text('progress line\n' + json.dumps({'results': {'robustness': rob}}) + '\n\nreal\t3m1.000s\n')  # timed
         files.append(str(path))
     plots.robustness(files, ['A', 'A', 'B'], None)  # the table alone: no matplotlib needed
     rows = capsys.readouterr().out.splitlines()
