@@ -14,7 +14,9 @@ bench.py step time where run.json has "bench_step_ms", else summed from the logg
 and checkpoints left out, as the scripts measure it). The other tables of RESULTS.md (detection
 ablation, evaluations, speed) are made by the commands RESULTS.md gives with them.
 A run.json with "shared": true ran beside other jobs (its times are marked, not timings); one with
-"superseded" (why) is listed but kept out of the cells (e.g. made on an earlier data generator).
+"superseded" (why) is listed but kept out of the cells (e.g. made on an earlier data generator); one with
+"ablation" (what it varies) has its own row, labelled with the arm's flags that differ (p, drop, lambda),
+and fills no cell of the design.
 """
 import argparse
 import glob
@@ -34,6 +36,7 @@ SEEDS_WANTED = 3
 NOT_TRAINING = {'seed', 'out_dir', 'workers', 'log_every', 'eval_every', 'ckpt_every', 'print_config', 'dtype_reason',
                 'device', 'dist_timeout', 'skip_bad_images', 'data_path', 'download', 'compile', 'dtype',
                 'steps_per_epoch', 'total_steps'}  # the last two: derived from epochs, data and batch, in some runs' config
+SHORT = {'dilemma_prob': 'p', 'drop_ratio': 'drop', 'dilemma_weight': 'lambda'}
 ARM_FLAGS = {'dilemma_prob', 'drop_ratio', 'dilemma_weight', 'epochs', 'local_weight'}  # what an arm of a pair changes
 # the study's design: (script, method, data) x arms, each wanted with SEEDS_WANTED seeds
 DILEMMA_METHODS, STUDY_DATA = ('mocov3', 'dino', 'simclr', 'mae'), ('shapes', 'cifar10-45k')
@@ -108,6 +111,12 @@ def cells(runs):
                 c['label'] = c['arm'] + ', ' + pairing(c, base[0])
                 kinds = c['label'].split(', ')[1].split(' = ')  # 'equal epochs = equal time' counts for both
                 c['fills'] = [f"{c['arm']}, {kind}" for kind in kinds]
+        for c in row:  # cells of one arm that differ in its own flags (an ablation of p, drop, lambda): name them
+            varying = [k for k in SHORT if len({o['config'].get(k) for o in row if o['arm'] == c['arm']}) > 1]
+            if varying:
+                c['label'] += ' (' + ', '.join(f"{SHORT[k]}={c['config'][k]:g}" for k in varying) + ')'
+            if any(r['meta'].get('ablation') for r in c['runs']):  # run.json says why: not a cell of the design
+                c['fills'] = []
         row.sort(key=lambda c: (c['label'], c['config']['epochs']))
     return table
 

@@ -129,3 +129,20 @@ def test_robustness_pools_files_with_one_label_into_mean_and_std(tmp_path, capsy
     pytest.importorskip('matplotlib')
     plots.robustness(files, ['A', 'A', 'B'], str(tmp_path / 'fig.png'))
     assert (tmp_path / 'fig.png').stat().st_size > 0
+
+
+def test_an_ablation_of_p_gets_its_own_labelled_row_and_fills_no_cell_of_the_design(tmp_path, capsys):
+    mae = dict(method='mae', drop_ratio=0.75, epochs=20)
+    why = 'same FLOPs'
+    make_run(tmp_path, 'base', 30.0, bench_ms=1000, equal_time=why, **mae)
+    make_run(tmp_path, 'dil', 31.0, bench_ms=1000, equal_time=why, dilemma_prob=0.2, **mae)
+    for seed in (0, 1, 2):  # three seeds of p = 0.4 must not make the design's p = 0.2 cell look full
+        make_run(tmp_path, f'dil_p04_s{seed}', 32.0, bench_ms=1000, equal_time=why, seed=seed, dilemma_prob=0.4, **mae)
+        meta = json.load(open(tmp_path / f'dil_p04_s{seed}' / 'run.json'))
+        json.dump(dict(meta, ablation='p = 0.4 (the design uses 0.2)'), open(tmp_path / f'dil_p04_s{seed}' / 'run.json', 'w'))
+    labels = {c['label']: sorted(r['name'] for r in c['runs']) for c in plots.cells(plots.load_runs(str(tmp_path)))[('mae', 'shapes')]}
+    assert labels == {'baseline': ['base'], '+ DILEMMA, equal epochs = equal time (p=0.2)': ['dil'],
+                      '+ DILEMMA, equal epochs = equal time (p=0.4)': ['dil_p04_s0', 'dil_p04_s1', 'dil_p04_s2']}
+    plots.print_tables(plots.load_runs(str(tmp_path)), root=str(tmp_path))
+    out = capsys.readouterr().out
+    assert '- mae on shapes, + DILEMMA, equal time: 1 of 3 seeds' in out
