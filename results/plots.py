@@ -105,7 +105,8 @@ def cells(runs):
             extra = {} if not diffs or not all(diffs) else diffs[0]
             c['label'] = c['arm'] + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else '')
         for c in row:  # equal epochs / equal time, against the baseline that differs only in the arm's flags
-            base = [b for b in row if b['arm'] == 'baseline' and not other_flags(c['config'], b['config'])]
+            base = [b for b in row if b['arm'] == 'baseline' and not other_flags(c['config'], b['config'])
+                    and not any(r['meta'].get('ablation') for r in b['runs'])]  # an ablation is no reference
             c['fills'] = [c['label']]  # the arms of the design this cell counts for
             if c['arm'] == '+ DILEMMA' and len(base) == 1:
                 c['label'] = c['arm'] + ', ' + pairing(c, base[0])

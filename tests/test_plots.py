@@ -140,8 +140,13 @@ def test_an_ablation_of_p_gets_its_own_labelled_row_and_fills_no_cell_of_the_des
         make_run(tmp_path, f'dil_p04_s{seed}', 32.0, bench_ms=1000, equal_time=why, seed=seed, dilemma_prob=0.4, **mae)
         meta = json.load(open(tmp_path / f'dil_p04_s{seed}' / 'run.json'))
         json.dump(dict(meta, ablation='p = 0.4 (the design uses 0.2)'), open(tmp_path / f'dil_p04_s{seed}' / 'run.json', 'w'))
+    # lambda = 0 makes a second 'baseline' (no detection loss): as an ablation it must not steal the pairing
+    make_run(tmp_path, 'dil_lambda0', 29.0, bench_ms=1000, equal_time=why, dilemma_prob=0.2, dilemma_weight=0.0, **mae)
+    meta = json.load(open(tmp_path / 'dil_lambda0' / 'run.json'))
+    json.dump(dict(meta, ablation='lambda = 0'), open(tmp_path / 'dil_lambda0' / 'run.json', 'w'))
     labels = {c['label']: sorted(r['name'] for r in c['runs']) for c in plots.cells(plots.load_runs(str(tmp_path)))[('mae', 'shapes')]}
-    assert labels == {'baseline': ['base'], '+ DILEMMA, equal epochs = equal time (p=0.2)': ['dil'],
+    assert labels == {'baseline (p=0, lambda=1)': ['base'], 'baseline (p=0.2, lambda=0)': ['dil_lambda0'],
+                      '+ DILEMMA, equal epochs = equal time (p=0.2)': ['dil'],
                       '+ DILEMMA, equal epochs = equal time (p=0.4)': ['dil_p04_s0', 'dil_p04_s1', 'dil_p04_s2']}
     plots.print_tables(plots.load_runs(str(tmp_path)), root=str(tmp_path))
     out = capsys.readouterr().out
