@@ -201,10 +201,12 @@ def figures(runs, out_dir):
     import matplotlib.pyplot as plt
     table = cells(runs)
     labels = sorted({c['label'] for row in table.values() for c in row})
-    colour = {label: f'C{i % 10}' for i, label in enumerate(labels)}  # one colour per arm in every panel
+    palette = [f'C{i}' for i in range(10)] if len(labels) <= 10 else [plt.cm.tab20(i) for i in range(20)]
+    colour = {label: palette[i % len(palette)] for i, label in enumerate(labels)}  # one colour per arm in every panel
     for data in sorted({d for _, d in table}):
         methods = sorted(m for m, d in table if d == data)
-        fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False)
+        n_labels = max(len(table[(m, data)]) for m in methods)  # legends go below the panels, never over the lines
+        fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4 + 0.14 * n_labels), squeeze=False)
         for ax, method in zip(axes[0], methods):
             for c in table[(method, data)]:
                 for j, run in enumerate(c['runs']):
@@ -216,11 +218,11 @@ def figures(runs, out_dir):
             ax.set_xlabel('training time (min)' + time_kind([r for c in table[(method, data)] for r in c['runs']]),
                           fontsize=7)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.2))
         axes[0][0].set_ylabel('k-NN top-1 (%), one line per seed')
         fig.tight_layout()
         path = os.path.join(out_dir, f'knn_vs_time_{data}.png')
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches='tight')
         print('wrote', path)
 
 
