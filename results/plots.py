@@ -149,9 +149,11 @@ def mean_std(values, digits=2):
 
 
 def time_kind(runs):
-    if all(r['meta'].get('bench_step_ms') for r in runs):
+    with_bench = [bool(r['meta'].get('bench_step_ms')) for r in runs]
+    if all(with_bench):
         return ' (steps x bench step time)'
-    return ' (logged, shared machine: not a timing)' if any(r['meta'].get('shared') for r in runs) else ' (logged)'
+    logged = 'logged, shared machine: not a timing' if any(r['meta'].get('shared') for r in runs) else 'logged'
+    return f' (steps x bench step time, else {logged})' if any(with_bench) else f' ({logged})'
 
 
 def print_tables(runs, root=RUNS):

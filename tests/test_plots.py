@@ -59,6 +59,9 @@ def test_training_time_is_steps_times_the_bench_step_time_when_known(tmp_path):
     a, b = plots.load_runs(str(tmp_path))
     assert plots.training_seconds(a) == ([0, 20, 40], [0.0, 10.0, 20.0])
     assert plots.training_seconds(b) == ([0, 20, 40], [0.0, 20.0, 40.0])  # 64 images at 64 images/s a step
+    # a time axis that mixes the two says so, rather than naming one kind for both
+    assert plots.time_kind([a]) == ' (steps x bench step time)' and plots.time_kind([b]) == ' (logged)'
+    assert plots.time_kind([a, b]) == ' (steps x bench step time, else logged)'
 
 
 def test_a_pair_of_equal_cost_fills_equal_epochs_and_equal_time_only_when_every_run_says_so(tmp_path, capsys):
