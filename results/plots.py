@@ -203,8 +203,9 @@ def figures(runs, out_dir):
     import matplotlib.pyplot as plt
     table = cells(runs)
     labels = sorted({c['label'] for row in table.values() for c in row})
-    # tab20's ten dark colours first, then their light twins, so that neighbouring arms never get a pair
-    palette = [f'C{i}' for i in range(10)] if len(labels) <= 10 else [plt.cm.tab20(i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
+    # tab20's ten dark colours (matplotlib's default cycle) first, then their light twins: neighbouring
+    # arms never get a dark/light pair of the same hue while there are at most ten
+    palette = [plt.cm.tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
     colour = {label: palette[i % len(palette)] for i, label in enumerate(labels)}  # one colour per arm in every panel
     for data in sorted({d for _, d in table}):
         methods = sorted(m for m, d in table if d == data)
