@@ -2,7 +2,8 @@
 results/runs/ alone (figures need matplotlib, which nothing else needs: pip install matplotlib).
 
     python results/plots.py tables                 # markdown: the study's cells (mean +/- std over seeds), floors, what is owed
-    python results/plots.py figures                # results/knn_vs_time_<data>.png: k-NN against training time per method
+    python results/plots.py figures                # results/knn_vs_time_<data>.png: k-NN against training time per method,
+                                                   # results/detection_auroc_<method>_<data>.png: AUROC over training, ablations
     python results/plots.py collect OUT_DIR NAME --stdout FILE --command "..." [--eval FILE] [--note "..."]
     python results/plots.py robustness EVAL_JSON... --labels A A B B -o results/robustness.png  # same label: seeds pooled
 
@@ -226,6 +227,51 @@ def figures(runs, out_dir):
         axes[0][0].set_ylabel('k-NN top-1 (%), one line per seed')
         fig.tight_layout()
         path = os.path.join(out_dir, f'knn_vs_time_{data}.png')
+        fig.savefig(path, dpi=100, bbox_inches='tight')
+        print('wrote', path)
+    ablation_figures(runs, out_dir, plt)
+
+
+def ablation_panels(runs):
+    """{(method, data): {flag: [(label, runs), ...]}}: for each method whose + DILEMMA arm has ablation runs,
+    one panel per flag they vary (p, drop, lambda), holding the design's runs at the same epochs first and
+    then each ablation varying that flag, in the flag's order: the detection-AUROC figure's lines."""
+    panels = {}
+    for (method, data), row in cells(runs).items():
+        design = [c for c in row if c['arm'] == '+ DILEMMA' and c['fills']]
+        if not design:  # co_byol.py's rows, or a method without the design's DILEMMA run
+            continue
+        for c in sorted(row, key=lambda c: [c['config'][k] for k in SHORT]):
+            ref = [d for d in design if d['config']['epochs'] == c['config']['epochs']]
+            if c['fills'] or c['arm'] != '+ DILEMMA' or not ref:  # a lambda = 0 ablation has no detection head
+                continue
+            for k in [k for k in SHORT if c['config'][k] != ref[0]['config'][k]]:
+                design_line = (f"design ({SHORT[k]}={ref[0]['config'][k]:g})", ref[0]['runs'])
+                panel = panels.setdefault((method, data), {}).setdefault(SHORT[k], [design_line])
+                panel.append((f"{SHORT[k]}={c['config'][k]:g}", c['runs']))
+    return panels
+
+
+def ablation_figures(runs, out_dir, plt):
+    """results/detection_auroc_<method>_<data>.png: detection AUROC on the training batches over training,
+    a panel per ablated flag, one line per run (the design's seeds in black)."""
+    for (method, data), panels in sorted(ablation_panels(runs).items()):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, (flag, lines) in zip(axes[0], sorted(panels.items(), key=lambda kv: list(SHORT.values()).index(kv[0]))):
+            for i, (label, members) in enumerate(lines):
+                for j, run in enumerate(members):
+                    log = [r for r in run['log'] if 'det_auroc' in r]
+                    ax.plot([r['step'] for r in log], [r['det_auroc'] for r in log], lw=1, alpha=0.8,
+                            color='black' if i == 0 else plt.cm.tab10(i - 1),
+                            label=f'{label}, {len(members)} seed{"s" * (len(members) > 1)}' if j == 0 else None)
+            ax.axhline(0.5, color='grey', ls=':', lw=1)
+            ax.set_title(f'{method} + DILEMMA on {data}: {flag}')
+            ax.set_xlabel(f"training step ({members[0]['config']['epochs']:g} epochs)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc='lower right')
+        axes[0][0].set_ylabel('detection AUROC (training batches)')
+        fig.tight_layout()
+        path = os.path.join(out_dir, f'detection_auroc_{method}_{data}.png')
         fig.savefig(path, dpi=100, bbox_inches='tight')
         print('wrote', path)
 

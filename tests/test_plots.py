@@ -154,3 +154,20 @@ def test_an_ablation_of_p_gets_its_own_labelled_row_and_fills_no_cell_of_the_des
     plots.print_tables(plots.load_runs(str(tmp_path)), root=str(tmp_path))
     out = capsys.readouterr().out
     assert '- mae on shapes, + DILEMMA, equal time: 1 of 3 seeds' in out
+
+
+def test_the_auroc_figure_sets_each_ablation_beside_the_design_run_of_its_own_epochs(tmp_path):
+    moco = dict(method='mocov3', drop_ratio=0.5, epochs=10)
+    make_run(tmp_path, 'base', 30.0, bench_ms=1000, **dict(moco, drop_ratio=0.0))
+    make_run(tmp_path, 'dil', 31.0, bench_ms=500, dilemma_prob=0.2, **moco)
+    make_run(tmp_path, 'dil_time', 32.0, bench_ms=500, dilemma_prob=0.2, **dict(moco, epochs=20))
+    for name, flags in (('p04', dict(dilemma_prob=0.4)), ('drop75', dict(dilemma_prob=0.2, drop_ratio=0.75)),
+                        ('lambda0', dict(dilemma_prob=0.2, dilemma_weight=0.0))):  # lambda 0: no head, no line
+        make_run(tmp_path, name, 33.0, **dict(moco, **flags))
+        meta = json.load(open(tmp_path / name / 'run.json'))
+        json.dump(dict(meta, ablation=name), open(tmp_path / name / 'run.json', 'w'))
+    panels = plots.ablation_panels(plots.load_runs(str(tmp_path)))
+    named = {flag: [(label, [r['name'] for r in runs]) for label, runs in lines] for flag, lines in panels[('mocov3', 'shapes')].items()}
+    assert named == {'p': [('design (p=0.2)', ['dil']), ('p=0.4', ['p04'])],
+                     'drop': [('design (drop=0.5)', ['dil']), ('drop=0.75', ['drop75'])]}
+    assert list(panels) == [('mocov3', 'shapes')]  # no ablation, no figure
