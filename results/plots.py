@@ -42,6 +42,8 @@ ARM_FLAGS = {'dilemma_prob', 'drop_ratio', 'dilemma_weight', 'epochs', 'local_we
 # the study's design: (script, method, data) x arms, each wanted with SEEDS_WANTED seeds
 DILEMMA_METHODS, STUDY_DATA = ('mocov3', 'dino', 'simclr', 'mae'), ('shapes', 'cifar10-45k')
 DILEMMA_ARMS, CO_BYOL_ARMS = ('baseline', '+ DILEMMA, equal epochs', '+ DILEMMA, equal time'), ('BYOL', 'CO-BYOL')
+# the third arm, sparse inputs without the detection task (drop > 0, p = 0), wanted at equal epochs for these
+SPARSITY_METHODS, SPARSITY_ARM = ('mocov3', 'dino'), '+ sparsity, equal epochs'
 
 
 def load_runs(root=RUNS):
@@ -109,7 +111,7 @@ def cells(runs):
             base = [b for b in row if b['arm'] == 'baseline' and not other_flags(c['config'], b['config'])
                     and not any(r['meta'].get('ablation') for r in b['runs'])]  # an ablation is no reference
             c['fills'] = [c['label']]  # the arms of the design this cell counts for
-            if c['arm'] == '+ DILEMMA' and len(base) == 1:
+            if c['arm'] in ('+ DILEMMA', '+ sparsity') and len(base) == 1:
                 c['label'] = c['arm'] + ', ' + pairing(c, base[0])
                 kinds = c['label'].split(', ')[1].split(' = ')  # 'equal epochs = equal time' counts for both
                 c['fills'] = [f"{c['arm']}, {kind}" for kind in kinds]
@@ -189,6 +191,7 @@ def print_tables(runs, root=RUNS):
         print('\nKept out of the cells: ' + '; '.join(f"`{r['name']}` ({r['meta']['superseded']})" for r in superseded))
     print('\nStill owed (cells of the design with fewer than %d seeds):\n' % SEEDS_WANTED)
     wanted = [(m, d, a) for m in DILEMMA_METHODS for d in STUDY_DATA for a in DILEMMA_ARMS]
+    wanted += [(m, d, SPARSITY_ARM) for m in SPARSITY_METHODS for d in STUDY_DATA]
     wanted += [('co_byol', d, a) for d in STUDY_DATA for a in CO_BYOL_ARMS]
     for method, data, arm in wanted:  # the seeds of the best-filled cell that counts for this arm
         have = max([len({r['config']['seed'] for r in c['runs']}) for c in table.get((method, data), [])

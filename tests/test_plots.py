@@ -53,6 +53,21 @@ def test_seeds_pool_into_one_cell_and_other_data_or_flags_do_not(tmp_path, capsy
     assert '- dino on cifar10-45k, baseline: 1 of 3 seeds' in out
 
 
+def test_the_sparsity_arm_is_paired_like_dilemma_and_owed_at_equal_epochs(tmp_path, capsys):
+    moco = dict(method='mocov3', epochs=10)
+    make_run(tmp_path, 'base', 30.0, bench_ms=1000, **moco)
+    make_run(tmp_path, 'sparse', 31.0, bench_ms=500, drop_ratio=0.5, **moco)
+    # (the fake logs all have 40 steps: a bench time as the baseline's stands for 2x the steps at half the cost)
+    make_run(tmp_path, 'sparse_time', 32.0, bench_ms=1000, drop_ratio=0.5, **dict(moco, epochs=20))
+    labels = {c['label']: [r['name'] for r in c['runs']] for c in plots.cells(plots.load_runs(str(tmp_path)))[('mocov3', 'shapes')]}
+    assert labels == {'baseline': ['base'], '+ sparsity, equal epochs': ['sparse'], '+ sparsity, equal time': ['sparse_time']}
+    plots.print_tables(plots.load_runs(str(tmp_path)), root=str(tmp_path))
+    out = capsys.readouterr().out
+    assert '- mocov3 on shapes, + sparsity, equal epochs: 1 of 3 seeds' in out
+    assert '- dino on shapes, + sparsity, equal epochs: 0 of 3 seeds' in out
+    assert 'simclr on shapes, + sparsity' not in out  # the design asks it of DINO and MoCo v3 only
+
+
 def test_training_time_is_steps_times_the_bench_step_time_when_known(tmp_path):
     make_run(tmp_path, 'a', 30.0, bench_ms=500)
     make_run(tmp_path, 'b', 30.0)
