@@ -201,11 +201,11 @@ def print_tables(runs, root=RUNS):
 
 
 def figures(runs, out_dir):
-    """One PNG per dataset: a panel per method, k-NN against training time, one line per run."""
+    """One PNG per dataset: a panel per method, k-NN against training time, one line per run of the design."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    table = cells(runs)
+    table = {key: design_cells(row) for key, row in cells(runs).items()}
     labels = sorted({c['label'] for row in table.values() for c in row})
     # tab20's ten dark colours (matplotlib's default cycle) first, then their light twins: neighbouring
     # arms never get a dark/light pair of the same hue while there are at most ten
@@ -233,6 +233,12 @@ def figures(runs, out_dir):
         fig.savefig(path, dpi=100, bbox_inches='tight')
         print('wrote', path)
     ablation_figures(runs, out_dir, plt)
+
+
+def design_cells(row):
+    """The cells of one (method, data) row that the k-NN-against-time figure draws: the study's arms, not
+    the ablations (run.json "ablation"), which the tables list and the detection-AUROC figure draws."""
+    return [c for c in row if not any(r['meta'].get('ablation') for r in c['runs'])]
 
 
 def ablation_panels(runs):

@@ -186,3 +186,17 @@ def test_the_auroc_figure_sets_each_ablation_beside_the_design_run_of_its_own_ep
     assert named == {'p': [('design (p=0.2)', ['dil']), ('p=0.4', ['p04'])],
                      'drop': [('design (drop=0.5)', ['dil']), ('drop=0.75', ['drop75'])]}
     assert list(panels) == [('mocov3', 'shapes')]  # no ablation, no figure
+
+
+def test_the_knn_figure_draws_the_arms_of_the_design_and_leaves_the_ablations_to_the_tables(tmp_path):
+    moco = dict(method='mocov3', drop_ratio=0.5, epochs=10)
+    make_run(tmp_path, 'base', 30.0, bench_ms=1000, **dict(moco, drop_ratio=0.0))
+    make_run(tmp_path, 'dil', 31.0, bench_ms=500, dilemma_prob=0.2, **moco)
+    make_run(tmp_path, 'sparse_time', 31.5, bench_ms=500, dilemma_prob=0.0, **dict(moco, epochs=20))
+    make_run(tmp_path, 'p04', 33.0, dilemma_prob=0.4, **moco)
+    meta = json.load(open(tmp_path / 'p04' / 'run.json'))
+    json.dump(dict(meta, ablation='p = 0.4'), open(tmp_path / 'p04' / 'run.json', 'w'))
+    row = plots.cells(plots.load_runs(str(tmp_path)))[('mocov3', 'shapes')]
+    assert len(row) == 4
+    drawn = sorted(r['name'] for c in plots.design_cells(row) for r in c['runs'])
+    assert drawn == ['base', 'dil', 'sparse_time']
