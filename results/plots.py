@@ -4,6 +4,7 @@ results/runs/ alone (figures need matplotlib, which nothing else needs: pip inst
     python results/plots.py tables                 # markdown: the study's cells (mean +/- std over seeds), floors, what is owed
     python results/plots.py figures                # results/knn_vs_time_<data>.png: k-NN against training time per method,
                                                    # results/detection_auroc_<method>_<data>.png: AUROC over training, ablations
+                                                   # results/probe_vs_auroc_<data>.png: probe against final AUROC, per run
     python results/plots.py collect OUT_DIR NAME --stdout FILE --command "..." [--eval FILE] [--note "..."]
     python results/plots.py robustness EVAL_JSON... --labels A A B B -o results/robustness.png  # same label: seeds pooled
 
@@ -233,6 +234,7 @@ def figures(runs, out_dir):
         fig.savefig(path, dpi=100, bbox_inches='tight')
         print('wrote', path)
     ablation_figures(runs, out_dir, plt)
+    probe_figures(runs, out_dir, plt)
 
 
 def design_cells(row):
@@ -281,6 +283,48 @@ def ablation_figures(runs, out_dir, plt):
         axes[0][0].set_ylabel('detection AUROC (training batches)')
         fig.tight_layout()
         path = os.path.join(out_dir, f'detection_auroc_{method}_{data}.png')
+        fig.savefig(path, dpi=100, bbox_inches='tight')
+        print('wrote', path)
+
+
+def probe_against_auroc(runs):
+    """{(method, data): (points, baselines)}: each + DILEMMA run with a probe (eval.json) as a point (label,
+    detection AUROC at its last log, probe top-1, name), and each cell without detection (baseline, +
+    sparsity) as (label, mean probe): does the probe follow how far detection learned?"""
+    out = {}
+    for (method, data), row in cells(runs).items():
+        points = [(c['label'], [r for r in run['log'] if 'det_auroc' in r][-1]['det_auroc'], run['eval']['probe_top1'], run['name'])
+                  for c in row if c['arm'] == '+ DILEMMA' for run in c['runs']
+                  if run['eval'] and run['eval'].get('probe_top1') is not None and any('det_auroc' in r for r in run['log'])]
+        baselines = [(c['label'], float(np.mean(probes))) for c in row if c['arm'] != '+ DILEMMA'
+                     for probes in [[r['eval']['probe_top1'] for r in c['runs'] if r['eval'] and r['eval'].get('probe_top1') is not None]] if probes]
+        if points:
+            out[(method, data)] = (points, baselines)
+    return out
+
+
+def probe_figures(runs, out_dir, plt):
+    """results/probe_vs_auroc_<data>.png: a panel per method, probe top-1 against the detection AUROC at the
+    end of training, one point per + DILEMMA run; the arms without detection as dashed lines (mean probe)."""
+    for data in sorted({d for _, d in probe_against_auroc(runs)}):
+        panels = sorted((m, v) for (m, d), v in probe_against_auroc(runs).items() if d == data)
+        n_entries = max(len({p[0] for p in points}) + len(baselines) for _, (points, baselines) in panels)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4 + 0.14 * n_entries), squeeze=False)
+        for ax, (method, (points, baselines)) in zip(axes[0], panels):
+            labels = sorted({p[0] for p in points})
+            for i, label in enumerate(labels):
+                mine = [p for p in points if p[0] == label]
+                ax.scatter([p[1] for p in mine], [p[2] for p in mine], color=plt.cm.tab10(i % 10), s=25,
+                           label=f'{label}, {len(mine)} run{"s" * (len(mine) > 1)}')
+            for j, (label, probe) in enumerate(baselines):
+                ax.axhline(probe, color='grey', ls=('--', ':', '-.')[j % 3], lw=1, label=f'{label} (mean)')
+            ax.set_title(f'{method} on {data}')
+            ax.set_xlabel('detection AUROC, last log (training batches)', fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.16))
+        axes[0][0].set_ylabel('linear probe top-1 (%), one point per run')
+        fig.tight_layout()
+        path = os.path.join(out_dir, f'probe_vs_auroc_{data}.png')
         fig.savefig(path, dpi=100, bbox_inches='tight')
         print('wrote', path)
 

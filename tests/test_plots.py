@@ -200,3 +200,18 @@ def test_the_knn_figure_draws_the_arms_of_the_design_and_leaves_the_ablations_to
     assert len(row) == 4
     drawn = sorted(r['name'] for c in plots.design_cells(row) for r in c['runs'])
     assert drawn == ['base', 'dil', 'sparse_time']
+
+
+def test_probe_against_auroc_takes_each_runs_last_auroc_and_its_probe_and_the_other_arms_as_lines(tmp_path):
+    moco = dict(method='mocov3', drop_ratio=0.5, epochs=10)
+    make_run(tmp_path, 'base', 30.0, probe=34.0, **dict(moco, drop_ratio=0.0))
+    make_run(tmp_path, 'base_s1', 30.0, probe=36.0, seed=1, **dict(moco, drop_ratio=0.0))
+    make_run(tmp_path, 'dil', 31.0, probe=39.0, dilemma_prob=0.2, **moco)
+    make_run(tmp_path, 'dil_noprobe', 31.0, dilemma_prob=0.2, seed=1, **moco)  # eval.json without a probe: no point
+    for name, aurocs in (('dil', (0.6, 0.88)), ('dil_noprobe', (0.6, 0.7))):
+        with open(tmp_path / name / 'log.jsonl', 'a') as f:
+            for step, auroc in zip((60, 80), aurocs):
+                f.write(json.dumps({'step': step, 'loss': 1.0, 'images_per_s': 64.0, 'det_auroc': auroc}) + '\n')
+    points, baselines = plots.probe_against_auroc(plots.load_runs(str(tmp_path)))[('mocov3', 'shapes')]
+    assert [(p[3], p[1], p[2]) for p in points] == [('dil', 0.88, 39.0)]
+    assert [(label, probe) for label, probe in baselines] == [('baseline', 35.0)]
