@@ -229,12 +229,15 @@ def figures(runs, out_dir):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.2))
         axes[0][0].set_ylabel('k-NN top-1 (%), one line per seed')
-        fig.tight_layout()
-        path = os.path.join(out_dir, f'knn_vs_time_{data}.png')
-        fig.savefig(path, dpi=100, bbox_inches='tight')
-        print('wrote', path)
+        save(fig, os.path.join(out_dir, f'knn_vs_time_{data}.png'))
     ablation_figures(runs, out_dir, plt)
     probe_figures(runs, out_dir, plt)
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches='tight')
+    print('wrote', path)
 
 
 def design_cells(row):
@@ -281,23 +284,25 @@ def ablation_figures(runs, out_dir, plt):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc='lower right')
         axes[0][0].set_ylabel('detection AUROC (training batches)')
-        fig.tight_layout()
-        path = os.path.join(out_dir, f'detection_auroc_{method}_{data}.png')
-        fig.savefig(path, dpi=100, bbox_inches='tight')
-        print('wrote', path)
+        save(fig, os.path.join(out_dir, f'detection_auroc_{method}_{data}.png'))
 
 
 def probe_against_auroc(runs):
     """{(method, data): (points, baselines)}: each + DILEMMA run with a probe (eval.json) as a point (label,
     detection AUROC at its last log, probe top-1, name), and each cell without detection (baseline, +
     sparsity) as (label, mean probe): does the probe follow how far detection learned?"""
+    def probe(run):
+        return run['eval'].get('probe_top1') if run['eval'] else None
     out = {}
     for (method, data), row in cells(runs).items():
-        points = [(c['label'], [r for r in run['log'] if 'det_auroc' in r][-1]['det_auroc'], run['eval']['probe_top1'], run['name'])
-                  for c in row if c['arm'] == '+ DILEMMA' for run in c['runs']
-                  if run['eval'] and run['eval'].get('probe_top1') is not None and any('det_auroc' in r for r in run['log'])]
+        points = []
+        for c in [c for c in row if c['arm'] == '+ DILEMMA']:
+            for run in c['runs']:
+                aurocs = [r['det_auroc'] for r in run['log'] if 'det_auroc' in r]
+                if aurocs and probe(run) is not None:
+                    points.append((c['label'], aurocs[-1], probe(run), run['name']))
         baselines = [(c['label'], float(np.mean(probes))) for c in row if c['arm'] != '+ DILEMMA'
-                     for probes in [[r['eval']['probe_top1'] for r in c['runs'] if r['eval'] and r['eval'].get('probe_top1') is not None]] if probes]
+                     for probes in [[probe(r) for r in c['runs'] if probe(r) is not None]] if probes]
         if points:
             out[(method, data)] = (points, baselines)
     return out
@@ -306,8 +311,9 @@ def probe_against_auroc(runs):
 def probe_figures(runs, out_dir, plt):
     """results/probe_vs_auroc_<data>.png: a panel per method, probe top-1 against the detection AUROC at the
     end of training, one point per + DILEMMA run; the arms without detection as dashed lines (mean probe)."""
-    for data in sorted({d for _, d in probe_against_auroc(runs)}):
-        panels = sorted((m, v) for (m, d), v in probe_against_auroc(runs).items() if d == data)
+    per_method = probe_against_auroc(runs)
+    for data in sorted({d for _, d in per_method}):
+        panels = sorted((m, v) for (m, d), v in per_method.items() if d == data)
         n_entries = max(len({p[0] for p in points}) + len(baselines) for _, (points, baselines) in panels)
         fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4 + 0.14 * n_entries), squeeze=False)
         for ax, (method, (points, baselines)) in zip(axes[0], panels):
@@ -323,10 +329,7 @@ def probe_figures(runs, out_dir, plt):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.16))
         axes[0][0].set_ylabel('linear probe top-1 (%), one point per run')
-        fig.tight_layout()
-        path = os.path.join(out_dir, f'probe_vs_auroc_{data}.png')
-        fig.savefig(path, dpi=100, bbox_inches='tight')
-        print('wrote', path)
+        save(fig, os.path.join(out_dir, f'probe_vs_auroc_{data}.png'))
 
 
 def eval_result(path):
