@@ -509,7 +509,8 @@ def main(argv=None):
               f'{world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')
         print(f'global batch {args.batch_size} ({micro_batch} per process x {world} x {args.accum_steps} accumulation), '
               f'{args.optimizer} lr {args.lr} x {args.batch_size}/256 = {args.lr * args.batch_size / 256:.3g}, '
-              f'{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}), resuming at step {step}')
+              f'{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}), '
+              f'{f"resuming at step {step}" if step else "starting at step 0 (no checkpoint in --out-dir)"}')
         print(f'config: {json.dumps(vars(args))}')
         if knn is None:
             print('the data has no labels: no k-NN monitor and no agreement figure, only the loss in log.jsonl')

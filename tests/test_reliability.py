@@ -102,6 +102,7 @@ def test_truncated_checkpoint_is_reported_and_the_previous_one_used(script, fold
     out = tmp_path / 'run'
     first = run(command(script, out, folder, '--max-steps', '4', '--ckpt-every', '2'))
     assert first.returncode == 0, first.stderr[-2000:]
+    assert 'starting at step 0' in first.stdout and 'resuming' not in first.stdout  # a fresh run says so
     assert ckpt(out)['step'] == 4 and ckpt(out, 'ckpt_prev.pt')['step'] == 2  # the previous one is kept
     path = out / 'ckpt.pt'
     with open(path, 'r+b') as f:
