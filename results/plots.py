@@ -39,6 +39,7 @@ NOT_TRAINING = {'seed', 'out_dir', 'workers', 'log_every', 'eval_every', 'ckpt_e
                 'device', 'dist_timeout', 'skip_bad_images', 'data_path', 'download', 'compile', 'dtype',
                 'steps_per_epoch', 'total_steps'}  # the last two: derived from epochs, data and batch, in some runs' config
 SHORT = {'dilemma_prob': 'p', 'drop_ratio': 'drop', 'dilemma_weight': 'lambda'}
+CO_BYOL_SHORT = {'arch': 'arch', 'crop_min': 'crop-min'}  # co_byol.py's studies: receptive field, smallest crop
 ARM_FLAGS = {'dilemma_prob', 'drop_ratio', 'dilemma_weight', 'epochs', 'local_weight'}  # what an arm of a pair changes
 # the study's design: (script, method, data) x arms, each wanted with SEEDS_WANTED seeds
 DILEMMA_METHODS, STUDY_DATA = ('mocov3', 'dino', 'simclr', 'mae'), ('shapes', 'cifar10-45k')
@@ -116,14 +117,19 @@ def cells(runs):
                 c['label'] = c['arm'] + ', ' + pairing(c, base[0])
                 kinds = c['label'].split(', ')[1].split(' = ')  # 'equal epochs = equal time' counts for both
                 c['fills'] = [f"{c['arm']}, {kind}" for kind in kinds]
-        for c in row:  # cells of one arm that differ in its own flags (an ablation of p, drop, lambda): name them
-            varying = [k for k in SHORT if len({o['config'].get(k) for o in row if o['arm'] == c['arm']}) > 1]
+        for c in row:  # cells of one arm that differ in its own flags (p, drop, lambda; arch, crop-min): name them
+            short = CO_BYOL_SHORT if 'arch' in c['config'] else SHORT
+            varying = [k for k in short if len({o['config'].get(k) for o in row if o['arm'] == c['arm']}) > 1]
             if varying:
-                c['label'] += ' (' + ', '.join(f"{SHORT[k]}={c['config'][k]:g}" for k in varying) + ')'
+                c['label'] += ' (' + ', '.join(f"{short[k]}={flag_value(c['config'][k])}" for k in varying) + ')'
             if any(r['meta'].get('ablation') for r in c['runs']):  # run.json says why: not a cell of the design
                 c['fills'] = []
         row.sort(key=lambda c: (c['label'], c['config']['epochs']))
     return table
+
+
+def flag_value(value):
+    return value if isinstance(value, str) else f'{value:g}'
 
 
 def other_flags(config, reference):

@@ -215,3 +215,19 @@ def test_probe_against_auroc_takes_each_runs_last_auroc_and_its_probe_and_the_ot
     points, baselines = plots.probe_against_auroc(plots.load_runs(str(tmp_path)))[('mocov3', 'shapes')]
     assert [(p[3], p[1], p[2]) for p in points] == [('dil', 0.88, 39.0)]
     assert [(label, probe) for label, probe in baselines] == [('baseline', 35.0)]
+
+
+def test_co_byol_cells_of_another_receptive_field_are_named_by_arch_and_fill_no_cell_of_the_design(tmp_path, capsys):
+    co = dict(arch='rf25_small', width=0.125, local_weight=0.3, crop_min=0.2, epochs=16)
+    for name, overrides in [('co', {}), ('byol', dict(local_weight=0.0)),
+                            ('co_rf17', dict(arch='rf17_small')), ('byol_rf17', dict(arch='rf17_small', local_weight=0.0))]:
+        make_run(tmp_path, name, 30.0, probe=31.0, **dict(co, **overrides))
+        if 'rf17' in name:  # the receptive-field study is not the design's cell at the default network
+            meta = json.load(open(tmp_path / name / 'run.json'))
+            json.dump(dict(meta, ablation='rf17_small'), open(tmp_path / name / 'run.json', 'w'))
+    labels = {c['label']: [r['name'] for r in c['runs']] for c in plots.cells(plots.load_runs(str(tmp_path)))[('co_byol', 'shapes')]}
+    assert labels == {'CO-BYOL (arch=rf25_small)': ['co'], 'BYOL (arch=rf25_small)': ['byol'],
+                      'CO-BYOL (arch=rf17_small)': ['co_rf17'], 'BYOL (arch=rf17_small)': ['byol_rf17']}
+    plots.print_tables(plots.load_runs(str(tmp_path)), root=str(tmp_path))
+    out = capsys.readouterr().out
+    assert '- co_byol on shapes, CO-BYOL: 1 of 3 seeds' in out  # the rf17 run does not count for the default cell
