@@ -109,6 +109,7 @@ def cells(runs):
             diffs = [other_flags(c['config'], o['config']) for o in row if o['arm'] != c['arm']]
             extra = {} if not diffs or not all(diffs) else diffs[0]
             c['label'] = c['arm'] + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else '')
+            c['named'] = set(extra)  # so the loop below does not name a flag twice
         for c in row:  # equal epochs / equal time, against the baseline that differs only in the arm's flags
             base = [b for b in row if b['arm'] == 'baseline' and not other_flags(c['config'], b['config'])
                     and not any(r['meta'].get('ablation') for r in b['runs'])]  # an ablation is no reference
@@ -119,7 +120,8 @@ def cells(runs):
                 c['fills'] = [f"{c['arm']}, {kind}" for kind in kinds]
         for c in row:  # cells of one arm that differ in its own flags (p, drop, lambda; arch, crop-min): name them
             short = CO_BYOL_SHORT if 'arch' in c['config'] else SHORT
-            varying = [k for k in short if len({o['config'].get(k) for o in row if o['arm'] == c['arm']}) > 1]
+            varying = [k for k in short if k not in c['named']
+                       and len({o['config'].get(k) for o in row if o['arm'] == c['arm']}) > 1]
             if varying:
                 c['label'] += ' (' + ', '.join(f"{short[k]}={flag_value(c['config'][k])}" for k in varying) + ')'
             if any(r['meta'].get('ablation') for r in c['runs']):  # run.json says why: not a cell of the design

@@ -231,3 +231,11 @@ def test_co_byol_cells_of_another_receptive_field_are_named_by_arch_and_fill_no_
     plots.print_tables(plots.load_runs(str(tmp_path)), root=str(tmp_path))
     out = capsys.readouterr().out
     assert '- co_byol on shapes, CO-BYOL: 1 of 3 seeds' in out  # the rf17 run does not count for the default cell
+
+
+def test_a_co_byol_cell_whose_partner_has_not_run_names_its_arch_once(tmp_path):
+    co = dict(arch='rf25_small', width=0.125, local_weight=0.3, crop_min=0.2, epochs=16)
+    for name, overrides in [('co', {}), ('byol', dict(local_weight=0.0)), ('co_rf49', dict(arch='rf49_small'))]:
+        make_run(tmp_path, name, 30.0, probe=31.0, **dict(co, **overrides))  # BYOL on rf49_small not yet run
+    labels = sorted(c['label'] for c in plots.cells(plots.load_runs(str(tmp_path)))[('co_byol', 'shapes')])
+    assert labels == ['BYOL', 'CO-BYOL (arch=rf25_small)', 'CO-BYOL (arch=rf49_small)']
