@@ -107,7 +107,7 @@ def cells(runs):
     for row in table.values():
         for c in row:  # flags besides the arm's own, where no cell of another arm shares them (an ablation)
             diffs = [other_flags(c['config'], o['config']) for o in row if o['arm'] != c['arm']]
-            extra = {} if not diffs or not all(diffs) else diffs[0]
+            extra = {} if not diffs or not all(diffs) else min(diffs, key=len)  # the nearest other-arm cell
             c['label'] = c['arm'] + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else '')
             c['named'] = set(extra)  # so the loop below does not name a flag twice
         for c in row:  # equal epochs / equal time, against the baseline that differs only in the arm's flags
@@ -123,7 +123,9 @@ def cells(runs):
             varying = [k for k in short if k not in c['named']
                        and len({o['config'].get(k) for o in row if o['arm'] == c['arm']}) > 1]
             if varying:
-                c['label'] += ' (' + ', '.join(f"{short[k]}={flag_value(c['config'][k])}" for k in varying) + ')'
+                named = ', '.join(f"{short[k]}={flag_value(c['config'][k])}" for k in varying)
+                # one parenthesis: 'CO-BYOL (local_grid=4, arch=rf17_small)', not two
+                c['label'] = c['label'][:-1] + ', ' + named + ')' if c['named'] and c['label'].endswith(')') else c['label'] + ' (' + named + ')'
             if any(r['meta'].get('ablation') for r in c['runs']):  # run.json says why: not a cell of the design
                 c['fills'] = []
         row.sort(key=lambda c: (c['label'], c['config']['epochs']))

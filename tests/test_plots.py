@@ -239,3 +239,17 @@ def test_a_co_byol_cell_whose_partner_has_not_run_names_its_arch_once(tmp_path):
         make_run(tmp_path, name, 30.0, probe=31.0, **dict(co, **overrides))  # BYOL on rf49_small not yet run
     labels = sorted(c['label'] for c in plots.cells(plots.load_runs(str(tmp_path)))[('co_byol', 'shapes')])
     assert labels == ['BYOL', 'CO-BYOL (arch=rf25_small)', 'CO-BYOL (arch=rf49_small)']
+
+
+def test_a_local_grid_cell_is_labelled_alike_at_every_arch_whatever_order_the_runs_load_in(tmp_path):
+    # the label names what differs from the *nearest* cell of the other arm: with BYOL at rf17 loaded before
+    # BYOL at rf25, the first difference found for the rf25 cell was (local_grid, arch), for rf17 (local_grid)
+    co = dict(arch='rf25_small', width=0.125, local_weight=0.3, crop_min=0.2, epochs=16, local_grid=0)
+    for name, overrides in [('a_byol_rf17', dict(arch='rf17_small', local_weight=0.0)), ('b_byol', dict(local_weight=0.0)),
+                            ('c_co', {}), ('d_co_rf17', dict(arch='rf17_small')),
+                            ('e_grid4', dict(local_grid=4)), ('f_grid4_rf17', dict(local_grid=4, arch='rf17_small'))]:
+        make_run(tmp_path, name, 30.0, probe=31.0, **dict(co, **overrides))
+    labels = {c['label']: [r['name'] for r in c['runs']] for c in plots.cells(plots.load_runs(str(tmp_path)))[('co_byol', 'shapes')]}
+    assert labels['CO-BYOL (local_grid=4, arch=rf25_small)'] == ['e_grid4']
+    assert labels['CO-BYOL (local_grid=4, arch=rf17_small)'] == ['f_grid4_rf17']
+    assert labels['CO-BYOL (arch=rf17_small)'] == ['d_co_rf17'] and labels['BYOL (arch=rf17_small)'] == ['a_byol_rf17']
