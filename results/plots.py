@@ -5,6 +5,7 @@ results/runs/ alone (figures need matplotlib, which nothing else needs: pip inst
     python results/plots.py figures                # results/knn_vs_time_<data>.png: k-NN against training time per method,
                                                    # results/detection_auroc_<method>_<data>.png: AUROC over training, ablations
                                                    # results/probe_vs_auroc_<data>.png: probe against final AUROC, per run
+                                                   # results/co_byol_<study>_<data>.png: CO-BYOL's receptive-field and crop studies
     python results/plots.py collect OUT_DIR NAME --stdout FILE --command "..." [--eval FILE] [--note "..."]
     python results/plots.py robustness EVAL_JSON... --labels A A B B -o results/robustness.png  # same label: seeds pooled
 
@@ -242,6 +243,7 @@ def figures(runs, out_dir):
         save(fig, os.path.join(out_dir, f'knn_vs_time_{data}.png'))
     ablation_figures(runs, out_dir, plt)
     probe_figures(runs, out_dir, plt)
+    co_byol_study_figures(runs, out_dir, plt)
 
 
 def save(fig, path):
@@ -340,6 +342,77 @@ def probe_figures(runs, out_dir, plt):
             ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.16))
         axes[0][0].set_ylabel('linear probe top-1 (%), one point per run')
         save(fig, os.path.join(out_dir, f'probe_vs_auroc_{data}.png'))
+
+
+def co_byol_studies(runs):
+    """{(data, study): (points, ticks)}, CO-BYOL's two studies as the paper
+    draws them. 'receptive_field': x is the network's RF in px (rf_resnet.receptive_field of --arch), every
+    other flag as in a cell of the design at its longest schedule (the default network's, at crop-min 0.2);
+    'crop_min': x is the
+    smallest crop scale, on the default network. Series: BYOL, CO-BYOL, and CO-BYOL with its map pooled to
+    n x n locals (--local-grid n). points: {series: {x: [(k-NN, probe or None, name), ...]}}, k-NN the log's
+    last; ticks: {x: label}, the RF with its preset and the side of its map. A study with fewer than two x
+    values is left out."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import rf_resnet  # imports torch: only here
+    x_of = {'receptive_field': lambda cfg: rf_resnet.receptive_field(rf_resnet.preset_args(cfg['arch'])),
+            'crop_min': lambda cfg: cfg['crop_min']}
+    varies = {'receptive_field': {'arch', 'local_grid'}, 'crop_min': {'crop_min'}}
+    out = {}
+    for (method, data), row in cells(runs).items():
+        if method != 'co_byol':
+            continue
+        longest = max([c['config']['epochs'] for c in row if c['fills']], default=None)  # not a shorter pair's cells
+        design = [c['config'] for c in row if c['fills'] and c['config']['epochs'] == longest]
+        for study, allowed in varies.items():
+            points, ticks = {}, {}
+            for c in row:  # in the study when it differs from a cell of the design in the study's flags only
+                if not any(set(k for k in c['config'] if k not in NOT_TRAINING | {'local_weight'}
+                               and ref.get(k) != c['config'][k]) <= allowed for ref in design):
+                    continue
+                grid = c['config'].get('local_grid')
+                series = c['arm'] + (f', {grid} x {grid} locals' if grid else '')
+                x, side = x_of[study](c['config']), rf_resnet.feature_size(
+                    rf_resnet.preset_args(c['config']['arch']), c['config']['img_size'])
+                ticks[x] = f"{x}\n{c['config']['arch']}\n{side} x {side} map" if study == 'receptive_field' else f'{x:g}'
+                points.setdefault(series, {}).setdefault(x, []).extend(
+                    (r['evals'][-1]['knn_top1'], (r['eval'] or {}).get('probe_top1'), r['name'])
+                    for r in c['runs'] if r['evals'])
+            if len(ticks) > 1:
+                out[(data, study)] = points, ticks
+    return out
+
+
+def co_byol_study_figures(runs, out_dir, plt):
+    """results/co_byol_<study>_<data>.png: k-NN and probe top-1 against the receptive field (log axis) or
+    the smallest crop scale, a dot per seed and the mean +/- std per series joined by a line."""
+    axis = {'receptive_field': 'receptive field of one local representation (px, log scale)',
+            'crop_min': 'smallest random-resized-crop scale of the two views'}
+    for (data, study), (points, ticks) in sorted(co_byol_studies(runs).items()):
+        fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9 + 0.14 * len(points)))
+        for ax, (i, name) in zip(axes, [(0, 'k-NN top-1 (%), end of training'), (1, 'linear probe top-1 (%)')]):
+            for j, (series, by_x) in enumerate(sorted(points.items())):
+                xs = sorted(by_x)
+                shift = (1 + 0.025 * (j - (len(points) - 1) / 2)) if study == 'receptive_field' else 0.006 * j
+                place = (lambda x: x * shift) if study == 'receptive_field' else (lambda x: x + shift)
+                values = {x: [p[i] for p in by_x[x] if p[i] is not None] for x in xs}
+                xs = [x for x in xs if values[x]]
+                ax.scatter([place(x) for x in xs for _ in values[x]], [v for x in xs for v in values[x]],
+                           color=plt.cm.tab10(j), s=12, alpha=0.5)
+                ax.errorbar([place(x) for x in xs], [np.mean(values[x]) for x in xs],
+                            yerr=[np.std(values[x], ddof=1) if len(values[x]) > 1 else 0 for x in xs],
+                            color=plt.cm.tab10(j), marker='o', capsize=3,
+                            label=f"{series} ({'/'.join(str(len(values[x])) for x in xs)} seeds)")
+            if study == 'receptive_field':
+                ax.set_xscale('log')
+                ax.minorticks_off()
+            ax.set_xticks(sorted(ticks), [ticks[x] for x in sorted(ticks)], fontsize=7)
+            ax.set_xlabel(axis[study], fontsize=8)
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc='upper center', bbox_to_anchor=(0.5, -0.3 if study == 'receptive_field' else -0.16))
+        fig.suptitle(f'CO-BYOL and BYOL on {data}: {study.replace("_", " ")} study', fontsize=10)
+        save(fig, os.path.join(out_dir, f'co_byol_{study}_{data}.png'))
 
 
 def eval_result(path):

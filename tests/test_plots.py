@@ -253,3 +253,45 @@ def test_a_local_grid_cell_is_labelled_alike_at_every_arch_whatever_order_the_ru
     assert labels['CO-BYOL (local_grid=4, arch=rf25_small)'] == ['e_grid4']
     assert labels['CO-BYOL (local_grid=4, arch=rf17_small)'] == ['f_grid4_rf17']
     assert labels['CO-BYOL (arch=rf17_small)'] == ['d_co_rf17'] and labels['BYOL (arch=rf17_small)'] == ['a_byol_rf17']
+
+
+def test_co_byol_studies_put_each_seed_at_its_receptive_field_or_crop_scale_and_leave_other_changes_out(tmp_path):
+    co = dict(arch='rf25_small', width=0.125, local_weight=0.3, crop_min=0.2, epochs=16, local_grid=0, img_size=32,
+              local_loss='symmetric')
+    byol = dict(local_weight=0.0)
+    for name, knn, overrides, why in [
+            ('byol', 31.0, byol, None), ('byol_s1', 33.0, dict(byol, seed=1), None), ('co', 36.0, {}, None),
+            ('co_4ep', 20.0, dict(epochs=4), None), ('byol_4ep', 19.0, dict(byol, epochs=4), None),  # a shorter pair
+            ('co_rf49', 35.0, dict(arch='rf49_small'), 'rf49'), ('byol_rf49', 32.0, dict(byol, arch='rf49_small'), 'rf49'),
+            ('co_grid4', 34.0, dict(local_grid=4), 'grid'), ('co_crop05', 30.0, dict(crop_min=0.5), 'crop'),
+            ('co_rf49_crop05', 29.0, dict(arch='rf49_small', crop_min=0.5), 'both'),  # two studies' flags: neither
+            ('co_oneway', 37.0, dict(local_loss='one_way'), 'loss')]:  # another ablation: in no study
+        make_run(tmp_path, name, knn, probe=knn + 1 if name != 'byol_s1' else None, **dict(co, **overrides))
+        if why:
+            meta = json.load(open(tmp_path / name / 'run.json'))
+            json.dump(dict(meta, ablation=why), open(tmp_path / name / 'run.json', 'w'))
+    studies = plots.co_byol_studies(plots.load_runs(str(tmp_path)))
+    assert set(studies) == {('shapes', 'receptive_field'), ('shapes', 'crop_min')}
+    points, ticks = studies[('shapes', 'receptive_field')]
+    assert points == {'BYOL': {25: [(31.0, 32.0, 'byol'), (33.0, None, 'byol_s1')], 49: [(32.0, 33.0, 'byol_rf49')]},
+                      'CO-BYOL': {25: [(36.0, 37.0, 'co')], 49: [(35.0, 36.0, 'co_rf49')]},
+                      'CO-BYOL, 4 x 4 locals': {25: [(34.0, 35.0, 'co_grid4')]}}
+    assert ticks == {25: '25\nrf25_small\n8 x 8 map', 49: '49\nrf49_small\n4 x 4 map'}
+    points, ticks = studies[('shapes', 'crop_min')]
+    assert points == {'BYOL': {0.2: [(31.0, 32.0, 'byol'), (33.0, None, 'byol_s1')]},
+                      'CO-BYOL': {0.2: [(36.0, 37.0, 'co')], 0.5: [(30.0, 31.0, 'co_crop05')]}}
+    assert ticks == {0.2: '0.2', 0.5: '0.5'}
+
+
+def test_the_co_byol_study_figure_is_drawn_for_a_study_with_two_values(tmp_path):
+    pytest.importorskip('matplotlib')
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    co = dict(arch='rf25_small', width=0.125, local_weight=0.3, crop_min=0.2, epochs=16, local_grid=0, img_size=32)
+    (tmp_path / 'runs').mkdir()
+    make_run(tmp_path / 'runs', 'co', 36.0, probe=37.0, **co)
+    make_run(tmp_path / 'runs', 'co_s1', 35.0, probe=38.0, **dict(co, seed=1))
+    make_run(tmp_path / 'runs', 'co_rf17', 34.0, probe=35.0, **dict(co, arch='rf17_small'))
+    plots.co_byol_study_figures(plots.load_runs(str(tmp_path / 'runs')), str(tmp_path), plt)
+    assert sorted(os.listdir(tmp_path)) == ['co_byol_receptive_field_shapes.png', 'runs']  # no crop study: one value
