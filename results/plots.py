@@ -107,13 +107,19 @@ def cells(runs):
         table.setdefault((method, data), []).append(dict(arm=arm, runs=members, config=members[0]['config']))
     for row in table.values():
         for c in row:  # flags besides the arm's own, where no cell of another arm shares them (an ablation)
-            diffs = [other_flags(c['config'], o['config']) for o in row if o['arm'] != c['arm']]
-            extra = {} if not diffs or not all(diffs) else min(diffs, key=len)  # the nearest other-arm cell
-            c['label'] = c['arm'] + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else '')
+            others = [o for o in row if o['arm'] != c['arm']]
+            diffs = [other_flags(c['config'], o['config']) for o in others]
+            # named against the nearest cell of the other arm: a design cell before an ablation, then the
+            # fewest differing flags, then their names (so the label does not depend on the load order)
+            nearest = min(zip(diffs, others), key=lambda d_o: (is_ablation(d_o[1]), len(d_o[0]), sorted(d_o[0])),
+                          default=({}, None))[0]
+            extra = {} if not diffs or not all(diffs) else nearest
+            short = CO_BYOL_SHORT if 'arch' in c['config'] else SHORT
+            c['label'] = c['arm'] + (f" ({', '.join(f'{short.get(k, k)}={v}' for k, v in extra.items())})" if extra else '')
             c['named'] = set(extra)  # so the loop below does not name a flag twice
         for c in row:  # equal epochs / equal time, against the baseline that differs only in the arm's flags
             base = [b for b in row if b['arm'] == 'baseline' and not other_flags(c['config'], b['config'])
-                    and not any(r['meta'].get('ablation') for r in b['runs'])]  # an ablation is no reference
+                    and not is_ablation(b)]  # an ablation is no reference
             c['fills'] = [c['label']]  # the arms of the design this cell counts for
             if c['arm'] in ('+ DILEMMA', '+ sparsity') and len(base) == 1:
                 c['label'] = c['arm'] + ', ' + pairing(c, base[0])
@@ -127,10 +133,14 @@ def cells(runs):
                 named = ', '.join(f"{short[k]}={flag_value(c['config'][k])}" for k in varying)
                 # one parenthesis: 'CO-BYOL (local_grid=4, arch=rf17_small)', not two
                 c['label'] = c['label'][:-1] + ', ' + named + ')' if c['named'] and c['label'].endswith(')') else c['label'] + ' (' + named + ')'
-            if any(r['meta'].get('ablation') for r in c['runs']):  # run.json says why: not a cell of the design
+            if is_ablation(c):
                 c['fills'] = []
         row.sort(key=lambda c: (c['label'], c['config']['epochs']))
     return table
+
+
+def is_ablation(cell):
+    return any(r['meta'].get('ablation') for r in cell['runs'])  # run.json says why: not a cell of the design
 
 
 def flag_value(value):
@@ -255,7 +265,7 @@ def save(fig, path):
 def design_cells(row):
     """The cells of one (method, data) row that the k-NN-against-time figure draws: the study's arms, not
     the ablations (run.json "ablation"), which the tables list and the detection-AUROC figure draws."""
-    return [c for c in row if not any(r['meta'].get('ablation') for r in c['runs'])]
+    return [c for c in row if not is_ablation(c)]
 
 
 def ablation_panels(runs):
@@ -363,12 +373,13 @@ def co_byol_studies(runs):
         if method != 'co_byol':
             continue
         longest = max([c['config']['epochs'] for c in row if c['fills']], default=None)  # not a shorter pair's cells
-        design = [c['config'] for c in row if c['fills'] and c['config']['epochs'] == longest]
+        design = [c for c in row if c['fills'] and c['config']['epochs'] == longest]
         for study, allowed in varies.items():
             points, ticks = {}, {}
-            for c in row:  # in the study when it differs from a cell of the design in the study's flags only
-                if not any(set(k for k in c['config'] if k not in NOT_TRAINING | {'local_weight'}
-                               and ref.get(k) != c['config'][k]) <= allowed for ref in design):
+            for c in row:  # in the study when it differs from its arm's design cell in the study's flags only
+                if not any({k for k in set(c['config']) | set(ref['config']) if k not in NOT_TRAINING
+                            and c['config'].get(k) != ref['config'].get(k)} <= allowed
+                           for ref in design if ref['arm'] == c['arm']):
                     continue
                 grid = c['config'].get('local_grid')
                 series = c['arm'] + (f', {grid} x {grid} locals' if grid else '')
@@ -376,8 +387,8 @@ def co_byol_studies(runs):
                     rf_resnet.preset_args(c['config']['arch']), c['config']['img_size'])
                 ticks[x] = f"{x}\n{c['config']['arch']}\n{side} x {side} map" if study == 'receptive_field' else f'{x:g}'
                 points.setdefault(series, {}).setdefault(x, []).extend(
-                    (r['evals'][-1]['knn_top1'], (r['eval'] or {}).get('probe_top1'), r['name'])
-                    for r in c['runs'] if r['evals'])
+                    (r['evals'][-1]['knn_top1'] if r['evals'] else None, (r['eval'] or {}).get('probe_top1'), r['name'])
+                    for r in c['runs'])
             if len(ticks) > 1:
                 out[(data, study)] = points, ticks
     return out
@@ -388,20 +399,23 @@ def co_byol_study_figures(runs, out_dir, plt):
     the smallest crop scale, a dot per seed and the mean +/- std per series joined by a line."""
     axis = {'receptive_field': 'receptive field of one local representation (px, log scale)',
             'crop_min': 'smallest random-resized-crop scale of the two views'}
-    for (data, study), (points, ticks) in sorted(co_byol_studies(runs).items()):
+    studies = co_byol_studies(runs)
+    colour = {s: plt.cm.tab10(i % 10) for i, s in enumerate(sorted({s for p, _ in studies.values() for s in p}))}
+    for (data, study), (points, ticks) in sorted(studies.items()):
         fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9 + 0.14 * len(points)))
         for ax, (i, name) in zip(axes, [(0, 'k-NN top-1 (%), end of training'), (1, 'linear probe top-1 (%)')]):
             for j, (series, by_x) in enumerate(sorted(points.items())):
                 xs = sorted(by_x)
-                shift = (1 + 0.025 * (j - (len(points) - 1) / 2)) if study == 'receptive_field' else 0.006 * j
+                offset = j - (len(points) - 1) / 2  # series side by side around each tick
+                shift = 1 + 0.025 * offset if study == 'receptive_field' else 0.006 * offset
                 place = (lambda x: x * shift) if study == 'receptive_field' else (lambda x: x + shift)
                 values = {x: [p[i] for p in by_x[x] if p[i] is not None] for x in xs}
                 xs = [x for x in xs if values[x]]
                 ax.scatter([place(x) for x in xs for _ in values[x]], [v for x in xs for v in values[x]],
-                           color=plt.cm.tab10(j), s=12, alpha=0.5)
+                           color=colour[series], s=12, alpha=0.5)
                 ax.errorbar([place(x) for x in xs], [np.mean(values[x]) for x in xs],
                             yerr=[np.std(values[x], ddof=1) if len(values[x]) > 1 else 0 for x in xs],
-                            color=plt.cm.tab10(j), marker='o', capsize=3,
+                            color=colour[series], marker='o', capsize=3,
                             label=f"{series} ({'/'.join(str(len(values[x])) for x in xs)} seeds)")
             if study == 'receptive_field':
                 ax.set_xscale('log')

@@ -265,16 +265,21 @@ def test_co_byol_studies_put_each_seed_at_its_receptive_field_or_crop_scale_and_
             ('co_rf49', 35.0, dict(arch='rf49_small'), 'rf49'), ('byol_rf49', 32.0, dict(byol, arch='rf49_small'), 'rf49'),
             ('co_grid4', 34.0, dict(local_grid=4), 'grid'), ('co_crop05', 30.0, dict(crop_min=0.5), 'crop'),
             ('co_rf49_crop05', 29.0, dict(arch='rf49_small', crop_min=0.5), 'both'),  # two studies' flags: neither
-            ('co_oneway', 37.0, dict(local_loss='one_way'), 'loss')]:  # another ablation: in no study
+            ('co_oneway', 37.0, dict(local_loss='one_way'), 'loss'),  # another ablation: in no study
+            ('co_w1', 10.0, dict(local_weight=1.0), 'w'),  # another local weight: in no study
+            ('co_old', 12.0, dict(arch='rf49_small'), 'old')]:  # below: its config lacks a flag of the design's
         make_run(tmp_path, name, knn, probe=knn + 1 if name != 'byol_s1' else None, **dict(co, **overrides))
         if why:
             meta = json.load(open(tmp_path / name / 'run.json'))
-            json.dump(dict(meta, ablation=why), open(tmp_path / name / 'run.json', 'w'))
+            config = {k: v for k, v in meta['config'].items() if name != 'co_old' or k != 'img_size'}
+            json.dump(dict(meta, ablation=why, config=config), open(tmp_path / name / 'run.json', 'w'))
+    os.remove(tmp_path / 'co_rf49' / 'log.jsonl')  # a run without k-NN keeps its probe
+    open(tmp_path / 'co_rf49' / 'log.jsonl', 'w').write(json.dumps({'step': 20, 'loss': 1.0, 'images_per_s': 64.0}) + '\n')
     studies = plots.co_byol_studies(plots.load_runs(str(tmp_path)))
     assert set(studies) == {('shapes', 'receptive_field'), ('shapes', 'crop_min')}
     points, ticks = studies[('shapes', 'receptive_field')]
     assert points == {'BYOL': {25: [(31.0, 32.0, 'byol'), (33.0, None, 'byol_s1')], 49: [(32.0, 33.0, 'byol_rf49')]},
-                      'CO-BYOL': {25: [(36.0, 37.0, 'co')], 49: [(35.0, 36.0, 'co_rf49')]},
+                      'CO-BYOL': {25: [(36.0, 37.0, 'co')], 49: [(None, 36.0, 'co_rf49')]},
                       'CO-BYOL, 4 x 4 locals': {25: [(34.0, 35.0, 'co_grid4')]}}
     assert ticks == {25: '25\nrf25_small\n8 x 8 map', 49: '49\nrf49_small\n4 x 4 map'}
     points, ticks = studies[('shapes', 'crop_min')]
