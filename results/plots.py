@@ -47,6 +47,8 @@ DILEMMA_METHODS, STUDY_DATA = ('mocov3', 'dino', 'simclr', 'mae'), ('shapes', 'c
 DILEMMA_ARMS, CO_BYOL_ARMS = ('baseline', '+ DILEMMA, equal epochs', '+ DILEMMA, equal time'), ('BYOL', 'CO-BYOL')
 # the third arm, sparse inputs without the detection task (drop > 0, p = 0), wanted at equal epochs for these
 SPARSITY_METHODS, SPARSITY_ARM = ('mocov3', 'dino'), '+ sparsity, equal epochs'
+# CO-BYOL's two studies on shapes, both arms: four receptive fields (presets) and the paper's smallest crop scales
+RF_STUDY, CROP_STUDY = ('rf17_small', 'rf25_small', 'rf49_small', 'resnet50_small'), (0.08, 0.2, 0.5)
 
 
 def load_runs(root=RUNS):
@@ -211,7 +213,7 @@ def print_tables(runs, root=RUNS):
     superseded = [r for r in runs if r['meta'].get('superseded')]
     if superseded:
         print('\nKept out of the cells: ' + '; '.join(f"`{r['name']}` ({r['meta']['superseded']})" for r in superseded))
-    print('\nStill owed (cells of the design with fewer than %d seeds):\n' % SEEDS_WANTED)
+    print('\nStill owed (cells of the design, and of CO-BYOL\'s two studies, with fewer than %d seeds):\n' % SEEDS_WANTED)
     wanted = [(m, d, a) for m in DILEMMA_METHODS for d in STUDY_DATA for a in DILEMMA_ARMS]
     wanted += [(m, d, SPARSITY_ARM) for m in SPARSITY_METHODS for d in STUDY_DATA]
     wanted += [('co_byol', d, a) for d in STUDY_DATA for a in CO_BYOL_ARMS]
@@ -220,6 +222,14 @@ def print_tables(runs, root=RUNS):
                     if arm in c['fills']] or [0])
         if have < SEEDS_WANTED:
             print(f'- {method} on {data}, {arm}: {have} of {SEEDS_WANTED} seeds')
+    row = table.get(('co_byol', 'shapes'), [])
+    for flag, values, study in (('arch', RF_STUDY, 'receptive-field'), ('crop_min', CROP_STUDY, 'crop-scale')):
+        for value, arm in [(v, a) for v in values for a in CO_BYOL_ARMS]:
+            have = max([len({r['config']['seed'] for r in c['runs']}) for c in row if c['arm'] == arm
+                        and c['config'].get(flag) == value and in_study(c, row, {flag})] or [0])
+            if have < SEEDS_WANTED:
+                print(f"- co_byol on shapes, {arm} at --{flag.replace('_', '-')} {flag_value(value)} "
+                      f'({study} study): {have} of {SEEDS_WANTED} seeds')
 
 
 def figures(runs, out_dir):
@@ -354,6 +364,15 @@ def probe_figures(runs, out_dir, plt):
         save(fig, os.path.join(out_dir, f'probe_vs_auroc_{data}.png'))
 
 
+def in_study(cell, row, flags):
+    """Whether a CO-BYOL cell differs from its own arm's cell of the design (at the row's longest schedule)
+    in `flags` only, over both configurations' flags (one lacking a flag differs)."""
+    longest = max([c['config']['epochs'] for c in row if c['fills']], default=None)  # not a shorter pair's cells
+    return any({k for k in set(cell['config']) | set(ref['config']) if k not in NOT_TRAINING
+                and cell['config'].get(k) != ref['config'].get(k)} <= flags
+               for ref in row if ref['fills'] and ref['arm'] == cell['arm'] and ref['config']['epochs'] == longest)
+
+
 def co_byol_studies(runs):
     """{(data, study): (points, ticks)}, CO-BYOL's two studies as the paper
     draws them. 'receptive_field': x is the network's RF in px (rf_resnet.receptive_field of --arch), every
@@ -372,15 +391,9 @@ def co_byol_studies(runs):
     for (method, data), row in cells(runs).items():
         if method != 'co_byol':
             continue
-        longest = max([c['config']['epochs'] for c in row if c['fills']], default=None)  # not a shorter pair's cells
-        design = [c for c in row if c['fills'] and c['config']['epochs'] == longest]
         for study, allowed in varies.items():
             points, ticks = {}, {}
-            for c in row:  # in the study when it differs from its arm's design cell in the study's flags only
-                if not any({k for k in set(c['config']) | set(ref['config']) if k not in NOT_TRAINING
-                            and c['config'].get(k) != ref['config'].get(k)} <= allowed
-                           for ref in design if ref['arm'] == c['arm']):
-                    continue
+            for c in [c for c in row if in_study(c, row, allowed)]:
                 grid = c['config'].get('local_grid')
                 series = c['arm'] + (f', {grid} x {grid} locals' if grid else '')
                 x, side = x_of[study](c['config']), rf_resnet.feature_size(

@@ -255,7 +255,7 @@ def test_a_local_grid_cell_is_labelled_alike_at_every_arch_whatever_order_the_ru
     assert labels['CO-BYOL (arch=rf17_small)'] == ['d_co_rf17'] and labels['BYOL (arch=rf17_small)'] == ['a_byol_rf17']
 
 
-def test_co_byol_studies_put_each_seed_at_its_receptive_field_or_crop_scale_and_leave_other_changes_out(tmp_path):
+def test_co_byol_studies_put_each_seed_at_its_receptive_field_or_crop_scale_and_leave_other_changes_out(tmp_path, capsys):
     co = dict(arch='rf25_small', width=0.125, local_weight=0.3, crop_min=0.2, epochs=16, local_grid=0, img_size=32,
               local_loss='symmetric')
     byol = dict(local_weight=0.0)
@@ -286,6 +286,13 @@ def test_co_byol_studies_put_each_seed_at_its_receptive_field_or_crop_scale_and_
     assert points == {'BYOL': {0.2: [(31.0, 32.0, 'byol'), (33.0, None, 'byol_s1')]},
                       'CO-BYOL': {0.2: [(36.0, 37.0, 'co')], 0.5: [(30.0, 31.0, 'co_crop05')]}}
     assert ticks == {0.2: '0.2', 0.5: '0.5'}
+    plots.print_tables(plots.load_runs(str(tmp_path)), root=str(tmp_path))  # the studies' cells in the owed list
+    owed = capsys.readouterr().out.split('Still owed')[1]
+    assert '- co_byol on shapes, CO-BYOL at --crop-min 0.5 (crop-scale study): 1 of 3 seeds' in owed
+    assert '- co_byol on shapes, BYOL at --crop-min 0.5 (crop-scale study): 0 of 3 seeds' in owed
+    assert '- co_byol on shapes, BYOL at --crop-min 0.2 (crop-scale study): 2 of 3 seeds' in owed  # the design's cell
+    assert '- co_byol on shapes, CO-BYOL at --arch rf49_small (receptive-field study): 1 of 3 seeds' in owed
+    assert '- co_byol on shapes, CO-BYOL at --arch rf17_small (receptive-field study): 0 of 3 seeds' in owed
 
 
 def test_the_co_byol_study_figure_is_drawn_for_a_study_with_two_values(tmp_path):
