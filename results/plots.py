@@ -374,11 +374,10 @@ def in_study(cell, row, flags):
 
 
 def co_byol_studies(runs):
-    """{(data, study): (points, ticks)}, CO-BYOL's two studies as the paper
-    draws them. 'receptive_field': x is the network's RF in px (rf_resnet.receptive_field of --arch), every
-    other flag as in a cell of the design at its longest schedule (the default network's, at crop-min 0.2);
-    'crop_min': x is the
-    smallest crop scale, on the default network. Series: BYOL, CO-BYOL, and CO-BYOL with its map pooled to
+    """{(data, study): (points, ticks)}, CO-BYOL's two studies as the paper draws them. 'receptive_field': x
+    is the network's RF in px (rf_resnet.receptive_field of --arch), every other flag as in a cell of the
+    design at its longest schedule (the default network's, at crop-min 0.2); 'crop_min': x is the smallest
+    crop scale, on the default network. Series: BYOL, CO-BYOL, and CO-BYOL with its map pooled to
     n x n locals (--local-grid n). points: {series: {x: [(k-NN, probe or None, name), ...]}}, k-NN the log's
     last; ticks: {x: label}, the RF with its preset and the side of its map. A study with fewer than two x
     values is left out."""
