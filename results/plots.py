@@ -117,28 +117,36 @@ def cells(runs):
                           default=({}, None))[0]
             extra = {} if not diffs or not all(diffs) else nearest
             short = CO_BYOL_SHORT if 'arch' in c['config'] else SHORT
-            c['label'] = c['arm'] + (f" ({', '.join(f'{short.get(k, k)}={v}' for k, v in extra.items())})" if extra else '')
-            c['named'] = set(extra)  # so the loop below does not name a flag twice
+            c['head'], c['flags'] = c['arm'], [(k, f'{short.get(k, k)}={v}') for k, v in extra.items()]
+            c['label'] = with_flags(c, short)
         for c in row:  # equal epochs / equal time, against the baseline that differs only in the arm's flags
             base = [b for b in row if b['arm'] == 'baseline' and not other_flags(c['config'], b['config'])
                     and not is_ablation(b)]  # an ablation is no reference
             c['fills'] = [c['label']]  # the arms of the design this cell counts for
             if c['arm'] in ('+ DILEMMA', '+ sparsity') and len(base) == 1:
-                c['label'] = c['arm'] + ', ' + pairing(c, base[0])
+                c['head'] = c['label'] = c['arm'] + ', ' + pairing(c, base[0])
+                c['flags'] = []  # none: the pair differs only in the arm's flags
                 kinds = c['label'].split(', ')[1].split(' = ')  # 'equal epochs = equal time' counts for both
                 c['fills'] = [f"{c['arm']}, {kind}" for kind in kinds]
         for c in row:  # cells of one arm that differ in its own flags (p, drop, lambda; arch, crop-min): name them
             short = CO_BYOL_SHORT if 'arch' in c['config'] else SHORT
-            varying = [k for k in short if k not in c['named']
+            varying = [k for k in short if k not in dict(c['flags'])
                        and len({o['config'].get(k) for o in row if o['arm'] == c['arm']}) > 1]
             if varying:
-                named = ', '.join(f"{short[k]}={flag_value(c['config'][k])}" for k in varying)
-                # one parenthesis: 'CO-BYOL (local_grid=4, arch=rf17_small)', not two
-                c['label'] = c['label'][:-1] + ', ' + named + ')' if c['named'] and c['label'].endswith(')') else c['label'] + ' (' + named + ')'
+                c['flags'] += [(k, f"{short[k]}={flag_value(c['config'][k])}") for k in varying]
+                c['label'] = with_flags(c, short)
             if is_ablation(c):
                 c['fills'] = []
         row.sort(key=lambda c: (c['label'], c['config']['epochs']))
     return table
+
+
+def with_flags(cell, short):
+    """'CO-BYOL (local_grid=4, arch=rf17_small)': the head, then the cell's flags in one parenthesis, in a fixed
+    order whichever pass of cells() named them (other flags first, then the study's own in `short`'s order)."""
+    order = list(short)
+    flags = sorted(cell['flags'], key=lambda kv: (kv[0] in short, order.index(kv[0]) if kv[0] in short else kv[0]))
+    return cell['head'] + (f" ({', '.join(text for _, text in flags)})" if flags else '')
 
 
 def is_ablation(cell):

@@ -255,6 +255,19 @@ def test_a_local_grid_cell_is_labelled_alike_at_every_arch_whatever_order_the_ru
     assert labels['CO-BYOL (arch=rf17_small)'] == ['d_co_rf17'] and labels['BYOL (arch=rf17_small)'] == ['a_byol_rf17']
 
 
+def test_a_labels_flags_keep_one_order_whichever_pass_named_them(tmp_path):
+    # crop-min=0.5 is named against the nearest CO-BYOL cell, arch later because BYOL cells differ in it:
+    # both must read in the order of the rf17 row, which names them the other way round
+    co = dict(arch='rf25_small', width=0.125, local_weight=0.3, crop_min=0.2, epochs=16)
+    for name, overrides in [('co', {}), ('byol', dict(local_weight=0.0)), ('co_rf17', dict(arch='rf17_small')),
+                            ('byol_rf17', dict(arch='rf17_small', local_weight=0.0)),
+                            ('byol_crop05', dict(crop_min=0.5, local_weight=0.0))]:
+        make_run(tmp_path, name, 30.0, probe=31.0, **dict(co, **overrides))
+    labels = {c['label']: [r['name'] for r in c['runs']] for c in plots.cells(plots.load_runs(str(tmp_path)))[('co_byol', 'shapes')]}
+    assert labels['BYOL (arch=rf25_small, crop-min=0.5)'] == ['byol_crop05']
+    assert labels['BYOL (arch=rf17_small, crop-min=0.2)'] == ['byol_rf17']
+
+
 def test_co_byol_studies_put_each_seed_at_its_receptive_field_or_crop_scale_and_leave_other_changes_out(tmp_path, capsys):
     co = dict(arch='rf25_small', width=0.125, local_weight=0.3, crop_min=0.2, epochs=16, local_grid=0, img_size=32,
               local_loss='symmetric')
