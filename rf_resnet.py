@@ -38,11 +38,14 @@ EXPANSION = {'bottleneck': 4, 'basic': 1}  # block output channels = expansion x
 # | resnet50        | bottl. | imagenet | yes     | (3,4,6,3) | (1,2,2,2) | yes    | 427 | 7       | 1      |
 # | rf17_small      | bottl. | small    | no      | (2,2,1,0) | (1,2,2,1) | yes    | 17  | 56      | 8      |
 # | rf25_small      | bottl. | small    | no      | (2,2,2,0) | (1,2,2,1) | yes    | 25  | 56      | 8      |
+# | rf41_small      | bottl. | small    | no      | (2,2,2,2) | (1,2,2,1) | yes    | 41  | 56      | 8      |
 # | rf49_small      | bottl. | small    | no      | (2,2,2,2) | (1,2,2,2) | yes    | 49  | 28      | 4      |
 # | resnet50_small  | bottl. | small    | no      | (3,4,6,3) | (1,2,2,2) | yes    | 107 | 28      | 4      |
 # | rf29_r18_small  | basic  | small    | no      | (2,1,1,0) | (1,2,2,1) | yes    | 29  | 56      | 8      |
 # | resnet18_small  | basic  | small    | no      | (2,2,2,2) | (1,2,2,2) | yes    | 109 | 28      | 4      |
 # Bottleneck presets use layers (3,4,6,3). rf17/25/49_small have the blocks of rf67/99/195.
+# rf41_small is rf49_small with layer4 unstrided [ours]: the same blocks and parameters, an 8 x 8 map
+# at 32 px like rf25_small, so it separates the larger field from the smaller map.
 # bagnet33 is BagNet-33 exactly (bottom-right residual crop, stem BN momentum 0.001);
 # bagnet33_centred crops the residual around the centre instead, which keeps each residual aligned
 # with the middle of its conv window (same RF, same parameters, different function).
@@ -61,6 +64,7 @@ PRESETS = {
     'resnet50': dict(_IMAGENET, n3x3=(3, 4, 6, 3)),
     'rf17_small': dict(_SMALL, n3x3=(2, 2, 1, 0), strides=(1, 2, 2, 1)),
     'rf25_small': dict(_SMALL, n3x3=(2, 2, 2, 0), strides=(1, 2, 2, 1)),
+    'rf41_small': dict(_SMALL, n3x3=(2, 2, 2, 2), strides=(1, 2, 2, 1)),
     'rf49_small': dict(_SMALL, n3x3=(2, 2, 2, 2)),
     'resnet50_small': dict(_SMALL, n3x3=(3, 4, 6, 3)),
     'rf29_r18_small': dict(_SMALL, **_R18, n3x3=(2, 1, 1, 0), strides=(1, 2, 2, 1)),
