@@ -500,13 +500,15 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     if master:
+        # wall times depend on it: the launcher's OMP_NUM_THREADS, or torchrun's default of 1 per process
+        threads = f' ({torch.get_num_threads()} thread(s) each)' if args.device == 'cpu' else ''
         side = rf_resnet.feature_size(backbone_args(args), args.img_size)
         form = 'plain BYOL' if args.local_weight == 0 else f'{args.local_loss} local loss, {args.loss_form} form'
         print(f'CO-BYOL (w={args.local_weight}, {form}, {"no " if args.no_pool_mlp else ""}MLP after pooling, '
               f'{args.local_grid or side} x {args.local_grid or side} locals) on {args.data} at {args.img_size} px, {args.arch} x '
               f'{args.width} (RF {rf_resnet.receptive_field(backbone_args(args))} px, {side} x {side} map), '
               f'{sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M trainable parameters, '
-              f'{world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')
+              f'{world} process(es) on {args.device}{threads}, {args.dtype} ({args.dtype_reason})')
         print(f'global batch {args.batch_size} ({micro_batch} per process x {world} x {args.accum_steps} accumulation), '
               f'{args.optimizer} lr {args.lr} x {args.batch_size}/256 = {args.lr * args.batch_size / 256:.3g}, '
               f'{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}), '

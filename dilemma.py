@@ -733,11 +733,13 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     if master:
+        # wall times depend on it: the launcher's OMP_NUM_THREADS, or torchrun's default of 1 per process
+        threads = f' ({torch.get_num_threads()} thread(s) each)' if args.device == 'cpu' else ''
         what = (f'+ DILEMMA (p={args.dilemma_prob}, drop={args.drop_ratio}, lambda={args.dilemma_weight})'
                 if trains_detection(args) else f'without DILEMMA (no detection head, drop={args.drop_ratio})')
         print(f'{args.method} {what} '
               f'on {args.data} at {args.img_size} px, {args.model}, {sum(q.numel() for q in raw.parameters() if q.requires_grad) / 1e6:.1f}M '
-              f'trainable parameters, {world} process(es) on {args.device}, {args.dtype} ({args.dtype_reason})')
+              f'trainable parameters, {world} process(es) on {args.device}{threads}, {args.dtype} ({args.dtype_reason})')
         print(f'global batch {args.batch_size} ({micro_batch} per process x {world} x {args.accum_steps} accumulation), '
               f'lr {args.lr} x {args.batch_size}/256 = {args.lr * args.batch_size / 256:.3g}, '
               f'{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}), '

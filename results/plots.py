@@ -501,7 +501,7 @@ def machine():
     except (OSError, AttributeError):
         pass
     return dict(cpu=cpu, cores=os.cpu_count(), avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()),
-                torch=torch.__version__, omp_num_threads=os.environ.get('OMP_NUM_THREADS'))
+                torch=torch.__version__)  # threads per process: the run's own first line (stdout_head)
 
 
 def collect(out_dir, name, stdout, command, eval_file, note, shared):

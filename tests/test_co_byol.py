@@ -281,9 +281,9 @@ def test_torchrun_two_processes_complete_a_run(tmp_path, image_folder):
            os.path.join(ROOT, 'co_byol.py'), *TINY, '--batch-size', '8', '--workers', '0', '--dtype', 'fp32',
            '--device', 'cpu', '--max-steps', '3', '--log-every', '1', '--data', 'folder', '--data-path', image_folder,
            '--out-dir', out]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='2'))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert '2 process(es)' in run.stdout and run.stdout.strip().splitlines()[-1].startswith('final k-NN top-1')
+    assert '2 process(es) on cpu (2 thread(s) each)' in run.stdout and run.stdout.strip().splitlines()[-1].startswith('final k-NN top-1')
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert ckpt['step'] == 3 and len(ckpt['rng']) == 2
     assert [r['step'] for r in read_log(out) if 'loss' in r] == [1, 2, 3]

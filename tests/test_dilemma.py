@@ -483,9 +483,9 @@ def test_torchrun_two_processes_complete_a_run(tmp_path, image_folder):
            os.path.join(ROOT, 'dilemma.py'), '--method', 'simclr', '--model', 'vit_micro/4', '--batch-size', '8',
            '--workers', '0', '--dtype', 'fp32', '--device', 'cpu', '--proj-hidden', '32', '--max-steps', '3',
            '--log-every', '1', '--data', 'folder', '--data-path', image_folder, '--out-dir', out]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='2'))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert 'final k-NN top-1' in run.stdout and '2 process(es)' in run.stdout
+    assert 'final k-NN top-1' in run.stdout and '2 process(es) on cpu (2 thread(s) each)' in run.stdout
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['step'] == 3
 
 
