@@ -500,7 +500,7 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     if master:
-        # wall times depend on it: the launcher's OMP_NUM_THREADS, or torchrun's default of 1 per process
+        # wall times depend on it: OMP_NUM_THREADS if set, else 1 per process under torchrun, else the cores
         threads = f' ({torch.get_num_threads()} thread(s) each)' if args.device == 'cpu' else ''
         side = rf_resnet.feature_size(backbone_args(args), args.img_size)
         form = 'plain BYOL' if args.local_weight == 0 else f'{args.local_loss} local loss, {args.loss_form} form'

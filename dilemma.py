@@ -733,7 +733,7 @@ def main(argv=None):
     if args.compile:
         model = torch.compile(model)
     if master:
-        # wall times depend on it: the launcher's OMP_NUM_THREADS, or torchrun's default of 1 per process
+        # wall times depend on it: OMP_NUM_THREADS if set, else 1 per process under torchrun, else the cores
         threads = f' ({torch.get_num_threads()} thread(s) each)' if args.device == 'cpu' else ''
         what = (f'+ DILEMMA (p={args.dilemma_prob}, drop={args.drop_ratio}, lambda={args.dilemma_weight})'
                 if trains_detection(args) else f'without DILEMMA (no detection head, drop={args.drop_ratio})')

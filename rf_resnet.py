@@ -45,7 +45,8 @@ EXPANSION = {'bottleneck': 4, 'basic': 1}  # block output channels = expansion x
 # | resnet18_small  | basic  | small    | no      | (2,2,2,2) | (1,2,2,2) | yes    | 109 | 28      | 4      |
 # Bottleneck presets use layers (3,4,6,3). rf17/25/49_small have the blocks of rf67/99/195.
 # rf41_small is rf49_small with layer4 unstrided [ours]: the same blocks and parameters, an 8 x 8 map
-# at 32 px like rf25_small, so it separates the larger field from the smaller map.
+# at 32 px like rf25_small. Against rf25_small it adds field and layer4's 3x3 convs at the same map;
+# rf41 -> rf49 halves the map (and adds the last 8 px of field).
 # bagnet33 is BagNet-33 exactly (bottom-right residual crop, stem BN momentum 0.001);
 # bagnet33_centred crops the residual around the centre instead, which keeps each residual aligned
 # with the middle of its conv window (same RF, same parameters, different function).

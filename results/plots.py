@@ -117,7 +117,7 @@ def cells(runs):
                           default=({}, None))[0]
             extra = {} if not diffs or not all(diffs) else nearest
             short = CO_BYOL_SHORT if 'arch' in c['config'] else SHORT
-            c['head'], c['flags'] = c['arm'], [(k, f'{short.get(k, k)}={v}') for k, v in extra.items()]
+            c['head'], c['flags'] = c['arm'], [(k, f'{short.get(k, k)}={flag_value(v)}') for k, v in extra.items()]
             c['label'] = with_flags(c, short)
         for c in row:  # equal epochs / equal time, against the baseline that differs only in the arm's flags
             base = [b for b in row if b['arm'] == 'baseline' and not other_flags(c['config'], b['config'])

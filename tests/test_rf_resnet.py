@@ -88,6 +88,11 @@ def test_known_feature_sizes():
     assert feature_size(preset_args('bagnet33'), 224) == 24
     assert feature_size(preset_args('resnet50'), 224) == 7
     assert feature_size(preset_args('resnet50_small'), 32) == 4
+    # rf41_small is rf49_small unstrided at layer4: rf25_small's 8 x 8 map with rf49_small's blocks
+    assert feature_size(preset_args('rf41_small'), 32) == feature_size(preset_args('rf25_small'), 32) == 8
+    with torch.device('meta'):
+        params = {n: sum(p.numel() for p in RFResNet(**preset_args(n)).parameters()) for n in ('rf41_small', 'rf49_small')}
+    assert params['rf41_small'] == params['rf49_small']
     assert feature_size(preset_args('bagnet33'), 32) == 0  # too small for the unpadded net
 
     bagnet = build_rf_resnet('bagnet33', width=THIN).eval()
