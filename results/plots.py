@@ -414,6 +414,13 @@ def co_byol_studies(runs):
     return out
 
 
+def seeds_per_point(counts):
+    """Legend text saying how many seeds stand behind each point; counts: {x: number of seeds}."""
+    if len(set(counts.values())) == 1:
+        return f'{next(iter(counts.values()))} seeds at each'
+    return 'seeds: ' + ', '.join(f'{n} at {x:g}' for x, n in sorted(counts.items()))
+
+
 def co_byol_study_figures(runs, out_dir, plt):
     """results/co_byol_<study>_<data>.png: k-NN and probe top-1 against the receptive field (log axis) or
     the smallest crop scale, a dot per seed and the mean +/- std per series joined by a line."""
@@ -436,7 +443,7 @@ def co_byol_study_figures(runs, out_dir, plt):
                 ax.errorbar([place(x) for x in xs], [np.mean(values[x]) for x in xs],
                             yerr=[np.std(values[x], ddof=1) if len(values[x]) > 1 else 0 for x in xs],
                             color=colour[series], marker='o', capsize=3,
-                            label=f"{series} ({'/'.join(str(len(values[x])) for x in xs)} seeds)")
+                            label=f'{series} ({seeds_per_point({x: len(values[x]) for x in xs})})')
             if study == 'receptive_field':
                 ax.set_xscale('log')
                 ax.minorticks_off()

@@ -320,3 +320,8 @@ def test_the_co_byol_study_figure_is_drawn_for_a_study_with_two_values(tmp_path)
     make_run(tmp_path / 'runs', 'co_rf17', 34.0, probe=35.0, **dict(co, arch='rf17_small'))
     plots.co_byol_study_figures(plots.load_runs(str(tmp_path / 'runs')), str(tmp_path), plt)
     assert sorted(os.listdir(tmp_path)) == ['co_byol_receptive_field_shapes.png', 'runs']  # no crop study: one value
+
+
+def test_the_study_legend_names_the_seeds_behind_each_point_only_where_they_differ():
+    assert plots.seeds_per_point({0.5: 1, 0.2: 3}) == 'seeds: 3 at 0.2, 1 at 0.5'
+    assert plots.seeds_per_point({17: 3, 25: 3, 49: 3}) == '3 seeds at each'
