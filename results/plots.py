@@ -417,7 +417,8 @@ def co_byol_studies(runs):
 def seeds_per_point(counts):
     """Legend text saying how many seeds stand behind each point; counts: {x: number of seeds}."""
     if len(set(counts.values())) == 1:
-        return f'{next(iter(counts.values()))} seeds at each'
+        n = next(iter(counts.values()))
+        return f'{n} seed{"s" if n > 1 else ""} at each'
     return 'seeds: ' + ', '.join(f'{n} at {x:g}' for x, n in sorted(counts.items()))
 
 

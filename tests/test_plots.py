@@ -325,3 +325,4 @@ def test_the_co_byol_study_figure_is_drawn_for_a_study_with_two_values(tmp_path)
 def test_the_study_legend_names_the_seeds_behind_each_point_only_where_they_differ():
     assert plots.seeds_per_point({0.5: 1, 0.2: 3}) == 'seeds: 3 at 0.2, 1 at 0.5'
     assert plots.seeds_per_point({17: 3, 25: 3, 49: 3}) == '3 seeds at each'
+    assert plots.seeds_per_point({17: 1, 25: 1}) == '1 seed at each'  # not '1 seeds'
